@@ -1,0 +1,1 @@
+"""Versioned, swappable building blocks of the SKF pipeline (no Prefect imports here)."""

@@ -1,0 +1,1 @@
+"""Prefect flows and the `skf` CLI: thin wrappers over `components`."""

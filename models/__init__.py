@@ -1,0 +1,1 @@
+"""Pure-torch networks: HRNet segmenter, SE blocks, discriminator, baselines. No I/O."""

@@ -1,0 +1,121 @@
+"""Shared fixtures: isolated SKF_HOME, a loopback S3 endpoint, PostgreSQL, a Prefect test harness."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Must precede any prefect/mlflow/pyiqa import made by the modules under test.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="skf-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
+os.environ.setdefault("TORCH_HOME", str(_SESSION_DIR / "torch"))
+os.environ.update(
+    {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+    }
+)
+for _k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    os.environ.pop(_k, None)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_WEIGHTS = REPO_ROOT.parent / "shared" / "weights"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def skf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private SKF_HOME with SQLite catalog, local store and file MLflow under ``tmp_path``."""
+    home = tmp_path / "skf-home"
+    home.mkdir()
+    monkeypatch.setenv("SKF_HOME", str(home))
+    for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "MLFLOW_TRACKING_URI", "SKF_WEIGHTS_URI"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 HTTP endpoint (moto's threaded server) on loopback, for real boto3 calls."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Standard AWS configuration pointing at the loopback endpoint, and a fresh bucket; yields its name."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"skf-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    yield bucket
+
+
+def _postgres_url() -> str | None:
+    url = os.environ.get("SKF_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    try:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+        engine.dispose()
+        return url
+    except Exception:
+        return None
+
+
+@pytest.fixture()
+def postgres_url() -> Iterator[str]:
+    """A fresh schema on the real PostgreSQL server; fails (not skips) in CI when the server is absent."""
+    url = _postgres_url()
+    if url is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL on 127.0.0.1:5432 is required in CI (.ci/run starts it)")
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    import sqlalchemy as sa
+
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        sep = "&" if "?" in url else "?"
+        yield f"{url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """A temporary Prefect API for flow tests (one per test session)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
