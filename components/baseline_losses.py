@@ -1,0 +1,128 @@
+"""Reconstruction losses of the plain baselines (skf-method.md §5); SKF's SCH/SA live elsewhere.
+
+* ``ssim-pyramid`` (DRBN): −[SSIM(ŷ₁, y) + SSIM(ŷ₂, y[::2, ::2]) + SSIM(ŷ₄, y[::4, ::4])] with the
+  11×11 Gaussian-window SSIM (σ 1.5, C1 1e-4, C2 9e-4, zero padding, per channel, mean over everything)
+  of DRBN's ``pytorch_ssim``. Identical images give −3.
+* ``charbonnier`` (SNR): Σ √((ŷ − y)² + ε) with ε = 1e-6, *summed* over all elements as released (so
+  its scale grows with batch and crop size — the official learning rate was tuned for that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BASELINE_LOSSES",
+    "CharbonnierLoss",
+    "SSIMPyramidLoss",
+    "build_baseline_loss",
+    "gaussian_window",
+    "ssim",
+]
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Normalised 2-D Gaussian window (size×size), the outer product of a 1-D Gaussian."""
+    coords = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g).to(dtype)
+
+
+def ssim(
+    x: Tensor,
+    y: Tensor,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    c1: float = 1e-4,
+    c2: float = 9e-4,
+    window: Tensor | None = None,
+) -> Tensor:
+    """Mean SSIM of two B×C×H×W images (data range 1), per channel, zero-padded borders.
+
+    The five local statistics (μx, μy, E[x²], E[y²], E[xy]) come from one grouped conv over a stacked
+    5·C-channel tensor.
+    """
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(
+            f"ssim expects two B×C×H×W tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    c = x.shape[1]
+    if window is None:
+        window = gaussian_window(window_size, sigma, x.dtype)
+    window = window.to(device=x.device, dtype=x.dtype)
+    kernel = window.expand(5 * c, 1, *window.shape[-2:])
+    stats = F.conv2d(
+        torch.cat((x, y, x * x, y * y, x * y), dim=1), kernel, padding=window.shape[-1] // 2, groups=5 * c
+    )
+    mu_x, mu_y, e_xx, e_yy, e_xy = stats.split(c, dim=1)
+    mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
+    num = (2 * mu_xy + c1) * (2 * (e_xy - mu_xy) + c2)
+    den = (mu_xx + mu_yy + c1) * ((e_xx - mu_xx) + (e_yy - mu_yy) + c2)
+    return (num / den).mean()
+
+
+class SSIMPyramidLoss(nn.Module):
+    """DRBN loss: −Σ_s SSIM(ŷ_s, y[::s, ::s]) over the network's (full, half, quarter) outputs."""
+
+    def __init__(self, window_size: int = 11, sigma: float = 1.5, c1: float = 1e-4, c2: float = 9e-4) -> None:
+        super().__init__()
+        self.c1, self.c2 = c1, c2
+        self.register_buffer("window", gaussian_window(window_size, sigma), persistent=False)
+
+    def forward(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
+        """``outputs``: (ŷ₁, ŷ₂, ŷ₄, ...) at strides 1, 2, 4, ...; ``target``: full-resolution y."""
+        if isinstance(outputs, Tensor):
+            outputs = (outputs,)
+        total = target.new_zeros(())
+        for level, pred in enumerate(outputs):
+            stride = 2**level
+            ref = target[..., ::stride, ::stride]
+            if pred.shape != ref.shape:
+                raise ValueError(
+                    f"output {level} has shape {tuple(pred.shape)} but y[::{stride}, ::{stride}] has "
+                    f"{tuple(ref.shape)}; outputs must be ordered full, half, quarter resolution"
+                )
+            total = total - ssim(pred, ref, c1=self.c1, c2=self.c2, window=self.window)
+        return total
+
+
+class CharbonnierLoss(nn.Module):
+    """Σ √((x − y)² + eps) (``reduction="sum"``, SNR's ``cb``) or its mean."""
+
+    def __init__(self, eps: float = 1e-6, reduction: Literal["sum", "mean"] = "sum") -> None:
+        super().__init__()
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.eps, self.reduction = eps, reduction
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        if isinstance(pred, (tuple, list)):  # multi-output networks: the first output is the image
+            pred = pred[0]
+        if pred.shape != target.shape:
+            raise ValueError(f"Charbonnier: prediction {tuple(pred.shape)} vs target {tuple(target.shape)}")
+        value = torch.sqrt((pred - target) ** 2 + self.eps)
+        return value.sum() if self.reduction == "sum" else value.mean()
+
+
+#: Loss names a recipe's ``losses`` section may use, with their constructors.
+BASELINE_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "ssim-pyramid": SSIMPyramidLoss,
+    "charbonnier": CharbonnierLoss,
+}
+
+
+def build_baseline_loss(name: str, **params: object) -> nn.Module:
+    """Instantiate a baseline loss by recipe name (``ssim-pyramid``, ``charbonnier``)."""
+    try:
+        factory = BASELINE_LOSSES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown baseline loss {name!r}; available: {', '.join(sorted(BASELINE_LOSSES))}"
+        ) from None
+    return factory(**params)

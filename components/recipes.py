@@ -1,0 +1,324 @@
+"""Typed training recipes: one YAML file per baseline (+SKF variant) under ``configs/recipes/``.
+
+A recipe names the network (a ``baseline/*`` registry spec plus builder overrides) and everything the
+training engine needs: optimiser, LR schedule, run length/batch/crop/seed/precision, reconstruction
+losses and the SKF switches (SE, SCH, SA, how and on what the SKB runs). Defaults of the shipped files are
+the official ones of skf-method.md §5. Unknown keys are rejected everywhere, so a typo fails loudly.
+
+A recipe file may start with ``extends: <name>`` to inherit another recipe and override parts of it
+(mappings merge recursively, everything else is replaced).
+
+    recipe = load_recipe("drbn-skf", {"train.iterations": 1000, "optimizer": {"lr": 2e-4}})
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.baseline_losses import BASELINE_LOSSES
+
+__all__ = [
+    "RECIPES_DIR",
+    "AugmentConfig",
+    "LossTerm",
+    "OptimizerConfig",
+    "Recipe",
+    "RecipeError",
+    "SAConfig",
+    "SCHConfig",
+    "SKFConfig",
+    "SchedulerConfig",
+    "TrainConfig",
+    "available_recipes",
+    "load_recipe",
+]
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe could not be found, parsed or validated; the message names the file and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas must lie in [0, 1), got {v}")
+        return v
+
+
+class SchedulerConfig(_Strict):
+    """LR schedule, stepped once per iteration: ``multistep`` at ``milestones``, ``step`` every
+    ``step_size`` iterations, or ``constant``; optional linear warm-up over ``warmup`` iterations."""
+
+    name: Literal["multistep", "step", "constant"] = "constant"
+    milestones: list[int] | None = None
+    step_size: int | None = Field(None, gt=0)
+    gamma: float = Field(0.5, gt=0, le=1)
+    warmup: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _fields_match_name(self) -> SchedulerConfig:
+        if self.name == "multistep":
+            if not self.milestones:
+                raise ValueError("scheduler 'multistep' needs milestones (iterations), e.g. [50000, 100000]")
+            if sorted(self.milestones) != self.milestones or self.milestones[0] <= 0:
+                raise ValueError(f"milestones must be positive and increasing, got {self.milestones}")
+        elif self.milestones is not None:
+            raise ValueError(f"milestones only apply to scheduler 'multistep', not {self.name!r}")
+        if self.name == "step" and self.step_size is None:
+            raise ValueError("scheduler 'step' needs step_size (iterations)")
+        if self.name != "step" and self.step_size is not None:
+            raise ValueError(f"step_size only applies to scheduler 'step', not {self.name!r}")
+        return self
+
+
+class AugmentConfig(_Strict):
+    """Paired augmentations applied after the random crop, each with probability 0.5."""
+
+    hflip: bool = True
+    vflip: bool = True
+    transpose: bool = False
+
+
+class TrainConfig(_Strict):
+    iterations: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    crop: int = Field(gt=0, description="square training crop size in pixels")
+    seed: int = 0
+    precision: Literal["fp32", "amp"] = "fp32"
+    grad_clip: float | None = Field(None, gt=0)
+    val_every: int = Field(gt=0)
+    ckpt_every: int = Field(gt=0)
+    augment: AugmentConfig = AugmentConfig()
+    init_checkpoint: str | None = Field(None, description="weights to start from (path/URI), non-strict")
+
+
+class LossTerm(_Strict):
+    weight: float = Field(1.0, ge=0)
+    every: int = Field(1, gt=0, description="apply on iterations where step % every == 0")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SCHConfig(_Strict):
+    """Semantic-guided colour-histogram loss (skf-method.md §3)."""
+
+    enabled: bool = False
+    weight: float = Field(1.0, ge=0)
+    normalizer: Literal["nhw", "n59hw3"] = Field("nhw", description="N·H·W (SNR/LLFlow) or N·59·H·W·3 (DRBN)")
+    every: int = Field(1, gt=0)
+
+
+class SAConfig(_Strict):
+    """Semantic-guided adversarial loss (skf-method.md §4)."""
+
+    enabled: bool = False
+    weight: float = Field(0.1, ge=0)
+    global_weight: float = Field(0.9, ge=0, le=1, description="λ between global and local D terms")
+    d_lr_ratio: float = Field(1e-3, gt=0, description="discriminator lr = generator lr × this")
+    official_bugs: bool = Field(False, description="reproduce the released mask aliasing / untrained conv0")
+
+
+class SKFConfig(_Strict):
+    se: bool = False
+    sch: SCHConfig = SCHConfig()
+    sa: SAConfig = SAConfig()
+    skb_mode: Literal["cached", "online"] = "cached"
+    skb_input: Literal["lq", "gt", "intermediate"] = "lq"
+    two_pass_test: bool = Field(False, description="SNR test: re-segment the first output and enhance again")
+
+    @property
+    def enabled(self) -> bool:
+        return self.se or self.sch.enabled or self.sa.enabled
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SKFConfig:
+        if self.skb_input == "intermediate" and self.skb_mode != "online":
+            raise ValueError(
+                "skb_input 'intermediate' (DRBN segments its own recurrence-3 output) needs skb_mode 'online'; "
+                "cached priors can only come from a fixed image ('lq' or 'gt')"
+            )
+        if self.two_pass_test and self.skb_input == "intermediate":
+            raise ValueError(
+                "two_pass_test re-segments the output of a full pass; it does not combine with 'intermediate'"
+            )
+        return self
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    baseline: str = Field(description="registry spec of the network, e.g. 'baseline/drbn@1'")
+    model: dict[str, Any] = Field(default_factory=dict, description="builder overrides")
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig = SchedulerConfig()
+    train: TrainConfig
+    losses: dict[str, LossTerm]
+    skf: SKFConfig = SKFConfig()
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_spec(cls, v: str) -> str:
+        if not v.startswith("baseline/"):
+            raise ValueError(f"baseline must be a 'baseline/<name>[@version]' spec, got {v!r}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _no_skf_in_model(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "skf" in v or "seg" in v:
+            raise ValueError("set SE blocks with 'skf.se', not in 'model'")
+        return v
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, v: dict[str, LossTerm]) -> dict[str, LossTerm]:
+        if not v:
+            raise ValueError("at least one reconstruction loss is required")
+        unknown = sorted(set(v) - set(BASELINE_LOSSES))
+        if unknown:
+            raise ValueError(f"unknown loss(es) {unknown}; available: {sorted(BASELINE_LOSSES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> Recipe:
+        last = self.scheduler.milestones[-1] if self.scheduler.milestones else 0
+        if last >= self.train.iterations:
+            raise ValueError(
+                f"the last milestone ({last}) is not before train.iterations ({self.train.iterations})"
+            )
+        if self.scheduler.warmup >= self.train.iterations:
+            raise ValueError("scheduler.warmup must be shorter than train.iterations")
+        return self
+
+    def builder_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the baseline builder (``skf`` switches the SE blocks)."""
+        return {"skf": self.skf.se, **self.model}
+
+    def build_model(self) -> Any:
+        """Instantiate the network through the component registry."""
+        from components.registry import create
+
+        return create(self.baseline, **self.builder_kwargs())
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped in ``configs/recipes``."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise RecipeError(
+            f"unknown recipe {str(name_or_path)!r}; available: {', '.join(available_recipes()) or '(none)'} "
+            f"(or pass a path to a .yaml file)"
+        )
+    return candidate
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _expand_dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.iterations": 5}`` → ``{"train": {"iterations": 5}}`` (plain keys pass through)."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {key!r} conflicts with another override of {part!r}")
+        leaf = parts[-1]
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            node[leaf] = _deep_merge(node[leaf], value)
+        else:
+            node[leaf] = value
+    return out
+
+
+def _read(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in chain:
+        raise RecipeError(
+            f"recipe {path} extends itself (cycle: {' -> '.join(p.name for p in (*chain, path))})"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping at the top level, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent = str(parent)
+    parent_path = path.parent / (parent if Path(parent).suffix in (".yaml", ".yml") else f"{parent}.yaml")
+    if not parent_path.is_file():
+        raise RecipeError(f"recipe {path} extends {parent!r}, but {parent_path} does not exist")
+    return _deep_merge(_read(parent_path, (*chain, path)), data)
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = (
+            "unknown key (not part of the recipe schema)" if err["type"] == "extra_forbidden" else err["msg"]
+        )
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """Load, merge and validate a recipe.
+
+    ``name_or_path``: a shipped recipe name (``drbn``, ``drbn-skf``, ``snr-net``, ``snr-net-skf``) or a
+    YAML path. ``overrides``: nested mappings and/or dotted keys (``{"train.seed": 7}``) merged on top.
+    Raises :class:`RecipeError` listing every invalid field.
+    """
+    path = _resolve(name_or_path)
+    data = _read(path)
+    if overrides:
+        data = _deep_merge(data, _expand_dotted(overrides))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(
+            f"invalid recipe {path}{' (with overrides)' if overrides else ''}:\n{_format_errors(exc)}"
+        ) from exc

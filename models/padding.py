@@ -1,0 +1,57 @@
+"""Padding helpers shared by the baseline networks.
+
+The official DRBN and SNR networks only work when H and W are multiples of their internal stride
+(strided convs give ⌈·/2⌉, transposed convs / PixelShuffle give exactly ×2, and SNR's 4×4 patch fold drops
+remainders). We pad the bottom/right edges, run the network, and crop back, so any H×W works and inputs
+that already are multiples run exactly as released.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["crop", "fit_prior", "pad_to_multiple", "scaled_size"]
+
+
+def scaled_size(size: tuple[int, int], scale: int) -> tuple[int, int]:
+    """Spatial size at 1/``scale`` resolution under stride-2 halvings: (⌈H/s⌉, ⌈W/s⌉)."""
+    return math.ceil(size[0] / scale), math.ceil(size[1] / scale)
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Pad the bottom/right of a B×C×H×W tensor to multiples of ``multiple``.
+
+    Reflect padding (as SNR's own ``padtensor``) when the image is large enough for it, replicate
+    otherwise (reflect needs pad < size). A no-op when H and W already are multiples.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def crop(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Top-left crop of the last two dimensions to ``size``."""
+    return x[..., : size[0], : size[1]]
+
+
+def fit_prior(sem: Tensor, valid: tuple[int, int], padded: tuple[int, int]) -> Tensor:
+    """Align a semantic feature with a host feature computed on a padded image.
+
+    ``sem`` covers the *unpadded* image. It is nearest-resized onto the valid host region ``valid`` (the
+    same resize the SE block does in the official code, where host and image coincide) and then
+    replicate-padded to the host's ``padded`` size, so semantics stay aligned with image content. When no
+    padding happened this equals the official behaviour exactly (the SE block's own resize is then a
+    no-op).
+    """
+    if tuple(sem.shape[-2:]) != tuple(valid):
+        sem = F.interpolate(sem, size=valid, mode="nearest")
+    ph, pw = padded[0] - valid[0], padded[1] - valid[1]
+    if ph or pw:
+        sem = F.pad(sem, (0, pw, 0, ph), mode="replicate")
+    return sem
