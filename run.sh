@@ -13,7 +13,7 @@ VENV=.venv
 STAMP="$VENV/.skf-installed"
 want="$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-64)"
 
-export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true MLFLOW_ALLOW_FILE_STORE=true
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then

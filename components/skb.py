@@ -34,6 +34,7 @@ from models.hrnet import (
     class_probabilities,
     hrnet_w18_small_config,
     hrnet_w48_config,
+    hrnet_w48_lite_config,
     label_map,
     upsample_logits,
 )
@@ -403,6 +404,38 @@ def hrnet_w18_small_test(
     return build_skb(
         "skb/hrnet-w18-small-test@1",
         hrnet_w18_small_config(59),
+        checkpoint=checkpoint,
+        expected_sha256=expected_sha256,
+        bn_mode=bn_mode,
+        input_transform=input_transform,
+        pad_multiple=pad_multiple,
+        seed=seed,
+        device=device,
+        amp=amp,
+        cache_dir=cache_dir,
+    )
+
+
+@register(
+    "skb/hrnet-w48-lite@1",
+    description="HRNet with W48 widths, 1 module/stage: SE-compatible priors for tests and the CPU demo",
+)
+def hrnet_w48_lite(
+    checkpoint: str | os.PathLike[str] | None = None,
+    expected_sha256: str | None = None,
+    bn_mode: BnMode = "eval",
+    input_transform: InputTransform = "linear",
+    pad_multiple: int = 32,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> SemanticKnowledgeBank:
+    """HRNet with the W48 widths (F0 48, F1 96, F2 192, 59 classes) but one module per stage and one block
+    per branch: SE-compatible priors at a fraction of W48's compute, for tests and the CPU demo."""
+    return build_skb(
+        "skb/hrnet-w48-lite@1",
+        hrnet_w48_lite_config(59),
         checkpoint=checkpoint,
         expected_sha256=expected_sha256,
         bn_mode=bn_mode,

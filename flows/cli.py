@@ -21,6 +21,8 @@ app = typer.Typer(
 COMMAND_MODULES: tuple[str, ...] = (
     "flows.commands.components",
     "flows.commands.data",
+    "flows.commands.priors",
+    "flows.commands.weights",
 )
 
 for _module in COMMAND_MODULES:

@@ -9,6 +9,8 @@ _DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # The embedded default keeps MLflow in files under SKF_HOME; MLflow 3.17 refuses file stores without this.
+    "MLFLOW_ALLOW_FILE_STORE": "true",
     "PREFECT_UI_ENABLED": "false",
 }
 

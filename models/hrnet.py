@@ -133,6 +133,22 @@ def hrnet_w18_small_config(num_classes: int = 59) -> HRNetConfig:
     )
 
 
+def hrnet_w48_lite_config(num_classes: int = 59) -> HRNetConfig:
+    """W48 channel widths (48/96/192/384) with one module per stage and one block per branch.
+
+    Its priors have exactly the channel counts of the W48 SKB (F0 48, F1 96, F2 192, 59 classes), so it is a
+    drop-in for the baselines' SE blocks in tests and the CPU demo, at a fraction of the compute.
+    """
+    return HRNetConfig(
+        stage1=StageConfig(1, (1,), (64,), "bottleneck"),
+        stage2=StageConfig(1, (1, 1), (48, 96)),
+        stage3=StageConfig(1, (1, 1, 1), (48, 96, 192)),
+        stage4=StageConfig(1, (1, 1, 1, 1), (48, 96, 192, 384)),
+        num_classes=num_classes,
+        name="w48-lite",
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Building blocks (attribute names are the official state-dict names)
 # --------------------------------------------------------------------------------------------------
@@ -425,8 +441,12 @@ def label_map(logits: Tensor, size: tuple[int, int] | None = None) -> Tensor:
 
 
 def build_hrnet(name: str = "w48", num_classes: int = 59) -> HRNet:
-    """Instantiate a preset (``w48`` or ``w18-small``)."""
-    presets = {"w48": hrnet_w48_config, "w18-small": hrnet_w18_small_config}
+    """Instantiate a preset (``w48``, ``w48-lite`` or ``w18-small``)."""
+    presets = {
+        "w48": hrnet_w48_config,
+        "w48-lite": hrnet_w48_lite_config,
+        "w18-small": hrnet_w18_small_config,
+    }
     if name not in presets:
         raise ValueError(f"unknown HRNet preset {name!r}; available: {sorted(presets)}")
     return HRNet(presets[name](num_classes))

@@ -377,3 +377,23 @@ def test_skb_state_dict_is_official_with_model_prefix(cpu_skb: skb.SemanticKnowl
     keys = set(cpu_skb.state_dict())
     assert keys == {f"model.{k}" for k in cpu_skb.model.state_dict()}
     assert checkpoints.DEFAULT_STRIP_PREFIXES == ("module.", "model.")
+
+
+def test_w48_lite_priors_fit_the_baselines_se_blocks():
+    """The lite SKB has the W48 channel widths, so its priors drive the real SE blocks of SNR-Net."""
+    from components import registry
+
+    skb = registry.create("skb/hrnet-w48-lite@1")
+    x = torch.rand(1, 3, 64, 96)
+    priors = skb(x)
+    assert (priors.f0.shape[1], priors.f1.shape[1], priors.f2.shape[1], priors.logits.shape[1]) == (
+        48,
+        96,
+        192,
+        59,
+    )
+    net = registry.create("baseline/snr-net@1", skf=True).eval()
+    with torch.no_grad():
+        out = net(x, sem=(priors.f0, priors.f1, priors.f2))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert skb.fingerprint != registry.create("skb/hrnet-w18-small-test@1").fingerprint
