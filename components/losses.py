@@ -1,0 +1,282 @@
+"""SKF training losses: SCH (semantic colour histograms) and SA (semantic-guided adversarial).
+
+Registered as ``loss/sch@1`` and ``loss/sa@1``. The maths lives in :mod:`models.sch` and
+:mod:`models.discriminator`; this module adds the per-baseline presets, schedules and the
+official-compatibility switch (skf-method.md §3, §4, §8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from components.registry import register
+from models.discriminator import Discriminator
+from models.sch import Normalizer, sch_loss
+
+__all__ = [
+    "SADiscriminatorLoss",
+    "SemanticAdversarialLoss",
+    "SemanticColorHistogramLoss",
+    "build_sa",
+    "build_sch",
+]
+
+
+class SemanticColorHistogramLoss(nn.Module):
+    """SCH loss: per-class soft colour histograms of ``pred`` vs ``target``, bin-averaged L1.
+
+    Args:
+        num_classes: classes of the label map (PASCAL-Context: 59).
+        bins, sharpness: histogram bins over [0, 1] and sigmoid sharpness of the soft kernel.
+        window: bins evaluated on each side of a value's own bin (the truncated mass is < 2.2e-7).
+        normalizer: ``"nhw"`` (SNR, LLFlow) or ``"nchw3"`` (DRBN: N*num_classes*H*W*3).
+        weight: multiplier applied in :meth:`forward`.
+        every: apply on steps where ``step % every == 0`` (SNR: 50); see :meth:`should_apply`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 59,
+        bins: int = 256,
+        sharpness: float = 400.0,
+        window: int = 10,
+        normalizer: Normalizer = "nhw",
+        weight: float = 1.0,
+        every: int = 1,
+    ) -> None:
+        super().__init__()
+        if normalizer not in ("nhw", "nchw3"):
+            raise ValueError(f"normalizer must be 'nhw' or 'nchw3', got {normalizer!r}")
+        if every < 1 or bins < 1 or window < 0 or num_classes < 1:
+            raise ValueError(
+                f"invalid SCH settings: every={every}, bins={bins}, window={window}, num_classes={num_classes}"
+            )
+        self.num_classes = num_classes
+        self.bins = bins
+        self.sharpness = float(sharpness)
+        self.window = window
+        self.normalizer: Normalizer = normalizer
+        self.weight = float(weight)
+        self.every = every
+
+    @classmethod
+    def drbn(cls, **overrides: Any) -> SemanticColorHistogramLoss:
+        """DRBN-SKF: weight 1 with the N*59*H*W*3 normaliser, every iteration."""
+        return cls(**{"weight": 1.0, "normalizer": "nchw3", "every": 1, **overrides})
+
+    @classmethod
+    def snr(cls, **overrides: Any) -> SemanticColorHistogramLoss:
+        """SNR-SKF: weight 1e4 with the N*H*W normaliser, only on every 50th iteration."""
+        return cls(**{"weight": 1e4, "normalizer": "nhw", "every": 50, **overrides})
+
+    @classmethod
+    def llflow(cls, **overrides: Any) -> SemanticColorHistogramLoss:
+        """LLFlow-SKF: weight 1 with the N*H*W normaliser, every iteration (added to the NLL)."""
+        return cls(**{"weight": 1.0, "normalizer": "nhw", "every": 1, **overrides})
+
+    def should_apply(self, step: int) -> bool:
+        """Whether the loss is due on training step ``step`` (SNR computes it every 50 steps only)."""
+        return step % self.every == 0
+
+    def forward(self, pred: Tensor, target: Tensor, labels: Tensor) -> Tensor:
+        """``pred``/``target``: N×3×H×W in [0, 1]; ``labels``: N×H×W class map (or N×K×H×W scores).
+
+        Returns ``weight * SCH`` as an fp32 scalar (computed in fp32 even under autocast).
+        """
+        if labels.dim() == 4 and labels.dtype.is_floating_point:
+            if labels.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"SCH got a {labels.shape[1]}-channel score map but num_classes={self.num_classes}"
+                )
+            labels = labels.argmax(dim=1)
+        loss = sch_loss(
+            pred,
+            target,
+            labels,
+            num_classes=self.num_classes,
+            bins=self.bins,
+            sharpness=self.sharpness,
+            window=self.window,
+            normalizer=self.normalizer,
+        )
+        return self.weight * loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, bins={self.bins}, sharpness={self.sharpness}, "
+            f"window={self.window}, normalizer={self.normalizer!r}, weight={self.weight}, every={self.every}"
+        )
+
+
+@dataclass(frozen=True)
+class SADiscriminatorLoss:
+    """Result of :meth:`SemanticAdversarialLoss.discriminator_loss`.
+
+    ``regions`` holds, per image, the classes whose probability maps masked the two local inputs
+    (in official-compat mode both are the second-largest class). ``fake_region``/``real_region`` are the
+    chosen slot (0 or 1) per image: the region on which the discriminator errs most.
+    """
+
+    loss: Tensor
+    regions: Tensor  # (B, 2) long class ids
+    fake_region: Tensor  # (B,) long slot in {0, 1}
+    real_region: Tensor  # (B,) long slot in {0, 1}
+    fake_region_losses: Tensor  # (B, 2) per-image MSE of D(fake * M_i) to 0
+    real_region_losses: Tensor  # (B, 2) per-image MSE of D(real * M_i) to 1
+
+    @property
+    def fake_class(self) -> Tensor:
+        return self.regions.gather(1, self.fake_region[:, None]).squeeze(1)
+
+    @property
+    def real_class(self) -> Tensor:
+        return self.regions.gather(1, self.real_region[:, None]).squeeze(1)
+
+
+def _sq_err(score: Tensor, label: float) -> Tensor:
+    """Per-image squared error of D's (B, 1) probability to a constant label, in fp32."""
+    return (score.float().squeeze(1) - label).square()
+
+
+class SemanticAdversarialLoss(nn.Module):
+    """SA loss: LSGAN with a global term and a hardest-semantic-region local term.
+
+    The module's parameters are exactly the discriminator's, so ``torch.optim.Adam(sa.parameters())``
+    is the D optimiser. Two modes:
+
+    * default (clean): masks are the soft maps of the two largest classes; the D step sees ``fake``
+      and ``probs`` detached; the global term averages the RGB and the image⊕probabilities (62-ch) inputs
+      so the path the generator is scored on is trained too; the hardest region is chosen per image.
+    * ``official_compat=True``: the released DRBN-SKF behaviour: both masks are the second-largest class
+      (aliased buffers), no 62-ch D training, no detach, and the region max is taken over batch means.
+
+    Args:
+        num_classes: channels of ``probs`` (59).
+        lam: weight of the global term; the local term gets ``1 - lam`` (official 0.9).
+        weight: multiplier of :meth:`generator_loss` (official 0.1).
+        official_compat: reproduce the released behaviour, bugs included.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 59,
+        image_channels: int = 3,
+        lam: float = 0.9,
+        weight: float = 0.1,
+        official_compat: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must lie in [0, 1], got {lam}")
+        self.discriminator = Discriminator(image_channels=image_channels, num_classes=num_classes)
+        self.num_classes = num_classes
+        self.lam = float(lam)
+        self.weight = float(weight)
+        self.official_compat = official_compat
+
+    def _check(self, image: Tensor, probs: Tensor, name: str) -> None:
+        if probs.dim() != 4 or probs.shape[1] != self.num_classes:
+            raise ValueError(f"SA probs must be B×{self.num_classes}×H×W, got {tuple(probs.shape)}")
+        if image.shape[0] != probs.shape[0] or image.shape[-2:] != probs.shape[-2:]:
+            raise ValueError(
+                f"SA {name} {tuple(image.shape)} and probs {tuple(probs.shape)} differ in batch or size; "
+                "resize the probabilities to the image resolution first"
+            )
+
+    @staticmethod
+    def largest_regions(probs: Tensor) -> Tensor:
+        """(B, 2) ids of the largest and second-largest classes by soft area ``sum_p P_k(p)``."""
+        area = probs.detach().float().sum(dim=(2, 3))
+        first = area.argmax(dim=1)
+        second = area.scatter(1, first[:, None], float("-inf")).argmax(dim=1)
+        return torch.stack([first, second], dim=1)
+
+    def discriminator_loss(
+        self, fake: Tensor, real: Tensor, probs: Tensor, real_probs: Tensor | None = None
+    ) -> SADiscriminatorLoss:
+        """D loss for enhanced ``fake`` vs ground-truth ``real`` with ``probs`` = softmax(HRNet(fake)).
+
+        ``real_probs`` (softmax of HRNet(real)) pairs the real image in the 62-ch global term; without it
+        the fake's probabilities are used. Ignored in official-compat mode.
+        """
+        self._check(fake, probs, "fake")
+        if real.shape != fake.shape:
+            raise ValueError(f"SA real {tuple(real.shape)} and fake {tuple(fake.shape)} shapes differ")
+        d = self.discriminator
+        regions = self.largest_regions(probs)
+        if self.official_compat:
+            regions = regions[:, 1:].expand(-1, 2)  # both mask buffers alias the second-largest class
+        else:
+            fake, probs = fake.detach(), probs.detach()
+        masks = probs.gather(1, regions[:, :, None, None].expand(-1, -1, *probs.shape[-2:]))
+        m1, m2 = masks[:, :1], masks[:, 1:]
+
+        fake_global, real_global = _sq_err(d(fake), 0.0), _sq_err(d(real), 1.0)
+        fake_local = torch.stack([_sq_err(d(fake * m1), 0.0), _sq_err(d(fake * m2), 0.0)], dim=1)
+        real_local = torch.stack([_sq_err(d(real * m1), 1.0), _sq_err(d(real * m2), 1.0)], dim=1)
+
+        if self.official_compat:
+            # MSE over the batch first, then the max over the two regions (ties -> region 2).
+            fake_slot = (fake_local.mean(0)[0] <= fake_local.mean(0)[1]).long().expand(fake.shape[0])
+            real_slot = (real_local.mean(0)[0] <= real_local.mean(0)[1]).long().expand(fake.shape[0])
+            glob = fake_global.mean() + real_global.mean()
+            local = fake_local.mean(0)[fake_slot[0]] + real_local.mean(0)[real_slot[0]]
+        else:
+            sem_real = real_probs.detach() if real_probs is not None else probs
+            self._check(real, sem_real, "real")
+            fake_sem = _sq_err(d(torch.cat([fake, probs], dim=1)), 0.0)
+            real_sem = _sq_err(d(torch.cat([real, sem_real], dim=1)), 1.0)
+            fake_slot = (fake_local[:, 0] <= fake_local[:, 1]).long()
+            real_slot = (real_local[:, 0] <= real_local[:, 1]).long()
+            glob = ((fake_global + fake_sem) / 2 + (real_global + real_sem) / 2).mean()
+            local = (
+                fake_local.gather(1, fake_slot[:, None]) + real_local.gather(1, real_slot[:, None])
+            ).mean()
+
+        loss = self.lam * glob / 2 + (1.0 - self.lam) * local / 2
+        return SADiscriminatorLoss(
+            loss=loss,
+            regions=regions.contiguous(),
+            fake_region=fake_slot.contiguous(),
+            real_region=real_slot.contiguous(),
+            fake_region_losses=fake_local.detach(),
+            real_region_losses=real_local.detach(),
+        )
+
+    def generator_loss(self, fake: Tensor, probs: Tensor) -> Tensor:
+        """``weight * MSE(D([fake; probs]), 1)``: global, 62-ch input; gradients reach ``fake`` and ``probs``."""
+        self._check(fake, probs, "fake")
+        score = self.discriminator(torch.cat([fake, probs.to(fake.dtype)], dim=1))
+        return self.weight * F.mse_loss(score.float(), torch.ones_like(score, dtype=torch.float32))
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}, weight={self.weight}, official_compat={self.official_compat}"
+
+
+_SCH_PRESETS = {
+    "drbn": SemanticColorHistogramLoss.drbn,
+    "snr": SemanticColorHistogramLoss.snr,
+    "llflow": SemanticColorHistogramLoss.llflow,
+}
+
+
+@register("loss/sch@1", description="Semantic-guided colour histogram loss (vectorised, fp32)")
+def build_sch(
+    preset: Literal["drbn", "snr", "llflow"] | None = None, **kwargs: Any
+) -> SemanticColorHistogramLoss:
+    """``preset`` picks a baseline's weight/normaliser/frequency; ``kwargs`` override single settings."""
+    if preset is None:
+        return SemanticColorHistogramLoss(**kwargs)
+    if preset not in _SCH_PRESETS:
+        raise ValueError(f"unknown SCH preset {preset!r}; choose one of {sorted(_SCH_PRESETS)}")
+    return _SCH_PRESETS[preset](**kwargs)
+
+
+@register("loss/sa@1", description="Semantic-guided adversarial loss with its discriminator")
+def build_sa(**kwargs: Any) -> SemanticAdversarialLoss:
+    return SemanticAdversarialLoss(**kwargs)

@@ -1,0 +1,29 @@
+"""Training engine: one loop for every baseline (checkpoint/resume, AMP, DDP, logging)."""
+
+from components.training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from components.training.engine import (
+    FitResult,
+    NonFiniteLossError,
+    Progress,
+    StepContext,
+    Trainer,
+    TrainerConfig,
+    TrainingTask,
+)
+from components.training.loggers import InMemoryLogger, NullLogger, RunLogger
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "FitResult",
+    "InMemoryLogger",
+    "NonFiniteLossError",
+    "NullLogger",
+    "Progress",
+    "RunLogger",
+    "StepContext",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingTask",
+    "load_checkpoint",
+]
