@@ -16,9 +16,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Print the component registry as a table (kind, name, version, description)."""
         table = Table(title="SKF components")
-        for column in ("spec", "kind", "name", "version", "description"):
-            table.add_column(column)
-        for entry in registry.entries(kind):
+        table.add_column("spec", no_wrap=True, style="bold")
+        table.add_column("kind", no_wrap=True)
+        table.add_column("latest", no_wrap=True)
+        table.add_column("description")
+        specs = registry.entries(kind)
+        latest = {(e.spec.kind, e.spec.name): e.spec.version for e in specs}
+        for entry in specs:
             s = entry.spec
-            table.add_row(entry.key, s.kind, s.name, str(s.version), entry.description)
-        Console().print(table)
+            is_latest = "yes" if latest[(s.kind, s.name)] == s.version else ""
+            table.add_row(entry.key, s.kind, is_latest, entry.description)
+        Console(width=max(Console().width, 120)).print(table)
