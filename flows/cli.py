@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.commands.data",
     "flows.commands.priors",
     "flows.commands.weights",
+    "flows.commands.serving",
 )
 
 for _module in COMMAND_MODULES:

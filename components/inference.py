@@ -1,0 +1,352 @@
+"""The deployable enhancer: a baseline network plus the SKB it needs, running the baseline's test-time flow.
+
+:class:`Enhancer` maps a (B, 3, H, W) batch in [0, 1] (any H, W) to an enhanced batch of the same size,
+clamped to [0, 1]. What the SKB is run on follows the released test code (skf-method.md 1.5, 5.1):
+
+* DRBN-SKF: recurrences 1-3 -> SKB on their output r3 -> recurrence 4 with SE on (F1, F0, Z).
+* SNR-SKF: SKB on the low-light input -> network; ``two_pass=True`` repeats it once with the SKB run on
+  the first output (the official ``test.py``; the SNR mask always comes from the input).
+* plain baselines (``skf=False``): the network alone, no SKB.
+
+An enhancer is rebuilt from a small JSON-able :class:`EnhancerSpec` plus two state dicts
+(:func:`build_enhancer`), which is what the model registry stores: no pickled Python objects.
+:func:`save_enhancer` / :func:`load_enhancer_dir` write and read that package as files (safetensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from components.checkpoints import load_strict
+from components.registry import create, resolved_spec
+from components.skb import Priors, SemanticKnowledgeBank
+from models.drbn import DRBN
+from models.snr_net import SNRNet, snr_mask
+
+log = logging.getLogger(__name__)
+
+SPEC_FORMAT = 1
+SPEC_FILE = "enhancer_spec.json"
+NET_FILE = "enhancer.safetensors"
+SKB_FILE = "skb.safetensors"
+#: The SKB settings an enhancer may fix (everything else comes from the SKB's registered builder).
+SKB_SETTING_KEYS: tuple[str, ...] = ("bn_mode", "input_transform", "pad_multiple", "amp")
+
+# Where each baseline's SE blocks live, in the order of its ``sem_inputs``.
+_SE_BLOCKS: dict[type[nn.Module], tuple[str, ...]] = {
+    DRBN: ("recur4.fuseblk_1", "recur4.fuseblk_2", "recur4.fuseblk_3"),
+    SNRNet: ("att_block_1", "att_block_2", "att_block_3"),
+}
+
+
+class EnhancerSpecError(ValueError):
+    """An enhancer spec or its weights do not describe a buildable, consistent model."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EnhancerSpec:
+    """Everything needed to rebuild an :class:`Enhancer` besides its weights, as plain data.
+
+    ``baseline``/``skb`` are resolved ``kind/name@version`` specs; ``baseline_kwargs`` the builder
+    overrides (network sizes); ``skb_settings`` the SKB builder options that change its output
+    (``bn_mode``, ``input_transform``, ``pad_multiple``, ``amp``); ``skb_fingerprint``,
+    ``skb_weights`` and ``skb_pretrained`` record the exact SKB the weights were trained with, and are
+    checked when the enhancer is rebuilt.
+    """
+
+    baseline: str
+    skf: bool = True
+    baseline_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    skb: str | None = None
+    skb_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    skb_fingerprint: str | None = None
+    skb_weights: str | None = None
+    skb_pretrained: bool = False
+    two_pass: bool = False
+    format: int = SPEC_FORMAT
+
+    def __post_init__(self) -> None:
+        if self.format != SPEC_FORMAT:
+            raise EnhancerSpecError(
+                f"enhancer spec format {self.format} is not supported (this code reads format {SPEC_FORMAT})"
+            )
+        if self.skf and not self.skb:
+            raise EnhancerSpecError(f"{self.baseline} with skf=True needs an SKB spec (skb=...)")
+        if not self.skf and (self.skb or self.two_pass):
+            raise EnhancerSpecError("a plain baseline (skf=False) has no SKB and no two-pass flow")
+        unknown = sorted(set(self.skb_settings) - set(SKB_SETTING_KEYS))
+        if unknown:
+            raise EnhancerSpecError(f"unknown skb_settings {unknown}; allowed: {list(SKB_SETTING_KEYS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EnhancerSpec:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise EnhancerSpecError(
+                f"unknown enhancer spec fields {unknown}; expected a subset of {sorted(fields)}"
+            )
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, text: str) -> EnhancerSpec:
+        return cls.from_dict(json.loads(text))
+
+    def describe(self) -> dict[str, str]:
+        """Flat ``enhancer.*`` strings for MLflow tags and params."""
+        return {
+            "enhancer.baseline": self.baseline,
+            "enhancer.skf": str(self.skf).lower(),
+            "enhancer.baseline_kwargs": json.dumps(self.baseline_kwargs, sort_keys=True),
+            "enhancer.two_pass": str(self.two_pass).lower(),
+            "skb.spec": self.skb or "none",
+            "skb.fingerprint": self.skb_fingerprint or "none",
+            "skb.weights": self.skb_weights or "none",
+            "skb.pretrained": str(self.skb_pretrained).lower() if self.skf else "n/a",
+        }
+
+
+def make_spec(
+    baseline: str,
+    net: nn.Module,
+    skb: SemanticKnowledgeBank | None = None,
+    *,
+    baseline_kwargs: Mapping[str, Any] | None = None,
+    two_pass: bool = False,
+) -> EnhancerSpec:
+    """The spec of a live network (built by ``create(baseline, skf=..., **baseline_kwargs)``) and SKB."""
+    skf = bool(getattr(net, "seg", False))
+    if skf and skb is None:
+        raise EnhancerSpecError(f"{baseline} was built with SE blocks (skf=True) and needs its SKB")
+    kwargs = {k: v for k, v in (baseline_kwargs or {}).items() if k != "skf"}
+    if skb is None or not skf:
+        return EnhancerSpec(resolved_spec(baseline), skf=False, baseline_kwargs=kwargs, two_pass=two_pass)
+    return EnhancerSpec(
+        baseline=resolved_spec(baseline),
+        skf=True,
+        baseline_kwargs=kwargs,
+        skb=resolved_spec(skb.spec),
+        skb_settings={k: getattr(skb, k) for k in SKB_SETTING_KEYS},
+        skb_fingerprint=skb.fingerprint,
+        skb_weights=skb.weights_id,
+        skb_pretrained=bool(skb.pretrained),
+        two_pass=two_pass,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------------
+class Enhancer(nn.Module):
+    """Enhancer network + its SKB, running the baseline's test-time flow (see the module docstring)."""
+
+    def __init__(self, net: nn.Module, skb: SemanticKnowledgeBank | None, spec: EnhancerSpec) -> None:
+        super().__init__()
+        if type(net) not in _SE_BLOCKS:
+            raise EnhancerSpecError(
+                f"no test-time flow for {type(net).__name__}; supported: {[t.__name__ for t in _SE_BLOCKS]}"
+            )
+        if spec.skf != bool(getattr(net, "seg", False)):
+            raise EnhancerSpecError(f"spec says skf={spec.skf} but the network was built with seg={net.seg}")
+        if spec.skf and skb is None:
+            raise EnhancerSpecError("an SKF enhancer needs its SKB")
+        if spec.two_pass and not isinstance(net, SNRNet):
+            raise EnhancerSpecError("two_pass is SNR-SKF's test flow; other baselines run a single pass")
+        self.net = net
+        self.skb = skb if spec.skf else None
+        self.spec = spec
+        if self.skb is not None:
+            _check_sem_channels(net, self.skb)
+
+    @property
+    def pretrained_skb(self) -> bool:
+        """Whether the SKB holds real segmenter weights (never promote a model whose SKB does not)."""
+        return self.skb is not None and bool(self.skb.pretrained)
+
+    def state_dicts(self) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """(network, SKB segmenter) state dicts, as :func:`build_enhancer` takes them."""
+        net = dict(self.net.state_dict())
+        skb = dict(self.skb.model.state_dict()) if self.skb is not None else None
+        return net, skb
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: (B, 3, H, W) float in [0, 1], any H, W. Returns the enhanced batch, clamped to [0, 1]."""
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(
+                f"Enhancer expects a float (B, 3, H, W) batch in [0, 1]; got {x.dtype} {tuple(x.shape)}"
+            )
+        out = self._drbn(x) if isinstance(self.net, DRBN) else self._snr(x)
+        return out.clamp(0.0, 1.0)
+
+    def _priors(self, image: Tensor) -> Priors:
+        assert self.skb is not None
+        return self.skb(image, grad=torch.is_grad_enabled() and image.requires_grad)
+
+    def _drbn(self, x: Tensor) -> Tensor:
+        net: DRBN = self.net  # type: ignore[assignment]
+        state = net.forward_1(x)
+        sem = None
+        if self.skb is not None:
+            r3 = state.image
+            p = self._priors(r3)
+            sem = (p.f1, p.f0, p.full_logits(tuple(r3.shape[-2:])))
+        return net.forward_2(state, sem)[0]
+
+    def _snr(self, x: Tensor) -> Tensor:
+        net: SNRNet = self.net  # type: ignore[assignment]
+        mask = snr_mask(x)
+        if self.skb is None:
+            return net(x, mask)
+        out = net(x, mask, sem=self._priors(x).features)
+        if self.spec.two_pass:
+            out = net(x, mask, sem=self._priors(out).features)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"baseline={self.spec.baseline}, skf={self.spec.skf}, skb={self.spec.skb}, two_pass={self.spec.two_pass}"
+
+
+def _check_sem_channels(net: nn.Module, skb: SemanticKnowledgeBank) -> None:
+    """The SE blocks must be built for the SKB's feature widths; say which ones differ, not a conv error."""
+    provided = {"F0": skb.feature_channels[0], "F1": skb.feature_channels[1], "F2": skb.feature_channels[2]}
+    provided["Z"] = skb.num_classes
+    wrong = []
+    for name, path in zip(net.sem_inputs, _SE_BLOCKS[type(net)], strict=True):
+        need = net.get_submodule(path).sem_channels
+        if need != provided[name]:
+            wrong.append(f"{path} takes {name} with {need} channels, the SKB gives {provided[name]}")
+    if wrong:
+        raise EnhancerSpecError(
+            f"SKB {skb.spec} does not fit {type(net).__name__}'s SE blocks: "
+            + "; ".join(wrong)
+            + ". Use an SKB with the SKF feature widths (48/96/192, 59 classes) such as skb/hrnet-w48-pascal@1 (or skb/hrnet-w48-lite@1 for tests)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Building from spec + weights
+# --------------------------------------------------------------------------------------------------
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has NO checkpoint" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """The SKB is built empty and then loaded, so its 'random weights' warning would be false."""
+    logger, flt = logging.getLogger("components.skb"), _DropRandomInitWarning()
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
+def build_enhancer(
+    spec: EnhancerSpec,
+    net_state: Mapping[str, Tensor],
+    skb_state: Mapping[str, Tensor] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> Enhancer:
+    """Rebuild an enhancer in eval mode from its spec and weights, strictly.
+
+    The SKB is built from its registered spec and settings, loaded with ``skb_state`` and then must
+    reproduce ``spec.skb_fingerprint`` -- otherwise the network would run on other priors than it was
+    trained with, and the error says so.
+    """
+    net = create(spec.baseline, skf=spec.skf, **spec.baseline_kwargs)
+    load_strict(net, net_state, source=f"{spec.baseline} weights")
+    skb = None
+    if spec.skf:
+        if skb_state is None:
+            raise EnhancerSpecError(f"{spec.baseline} with skf=True needs the SKB weights ({spec.skb})")
+        quiet = _quiet_random_init() if spec.skb_pretrained else contextlib.nullcontext()
+        with quiet:
+            skb = create(spec.skb, device="cpu", **spec.skb_settings)
+        load_strict(skb.model, skb_state, source=f"{spec.skb} weights")
+        if spec.skb_weights:
+            skb.weights_id = spec.skb_weights
+        skb.pretrained = spec.skb_pretrained
+        if spec.skb_fingerprint and skb.fingerprint != spec.skb_fingerprint:
+            raise EnhancerSpecError(
+                f"SKB {spec.skb} rebuilt with fingerprint {skb.fingerprint}, but the enhancer was trained with "
+                f"{spec.skb_fingerprint}: the SKB component or its settings changed since the model was saved"
+            )
+        if not spec.skb_pretrained:
+            log.warning(
+                "enhancer %s uses a randomly initialised SKB (%s): fine for tests and the demo only",
+                spec.baseline,
+                spec.skb,
+            )
+    enhancer = Enhancer(net, skb, spec).to(device)
+    return enhancer.eval()
+
+
+def save_enhancer(enhancer: Enhancer, directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write spec JSON + safetensors weights into ``directory``; returns {artifact name: path}."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    net_state, skb_state = enhancer.state_dicts()
+    paths = {"spec": out / SPEC_FILE, "enhancer": out / NET_FILE}
+    paths["spec"].write_text(enhancer.spec.to_json())
+    save_file(_contiguous_cpu(net_state), paths["enhancer"], metadata={"baseline": enhancer.spec.baseline})
+    if skb_state is not None:
+        paths["skb"] = out / SKB_FILE
+        save_file(_contiguous_cpu(skb_state), paths["skb"], metadata={"skb": enhancer.spec.skb or ""})
+    return paths
+
+
+def load_enhancer_files(
+    spec_path: str | os.PathLike[str],
+    net_path: str | os.PathLike[str],
+    skb_path: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> Enhancer:
+    """Inverse of :func:`save_enhancer` given the individual files (safetensors or weights-only ``.pt``)."""
+    spec = EnhancerSpec.from_json(Path(spec_path).read_text())
+    net_state = _read_state(net_path)
+    skb_state = _read_state(skb_path) if skb_path is not None else None
+    return build_enhancer(spec, net_state, skb_state, device=device)
+
+
+def load_enhancer_dir(directory: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Enhancer:
+    """Inverse of :func:`save_enhancer`."""
+    d = Path(directory)
+    skb = d / SKB_FILE
+    return load_enhancer_files(d / SPEC_FILE, d / NET_FILE, skb if skb.is_file() else None, device=device)
+
+
+def _contiguous_cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _read_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return load_file(str(p))
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise EnhancerSpecError(f"{p} holds a {type(state).__name__}, expected a state dict")
+    return dict(state)
