@@ -369,6 +369,9 @@ def log_enhancer(
         raise ValueError("spec does not describe this enhancer (pass enhancer.spec or leave it out)")
     name = name or default_model_name(dataset_version)
     client = MlflowClient()
+    # Model.log creates the logged model in the *active* experiment; it must be the run's own, or the
+    # file store cannot read the model back when it is registered.
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
     with tempfile.TemporaryDirectory(prefix="skf-log-") as tmp_dir:
         tmp = Path(tmp_dir)
         files = save_enhancer(enhancer, tmp / "weights")

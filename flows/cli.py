@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.commands.priors",
     "flows.commands.weights",
     "flows.commands.serving",
+    "flows.commands.pipeline",
 )
 
 for _module in COMMAND_MODULES:

@@ -43,8 +43,9 @@ def skf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "skf-home"
     home.mkdir()
     monkeypatch.setenv("SKF_HOME", str(home))
-    for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "MLFLOW_TRACKING_URI", "SKF_WEIGHTS_URI"):
+    for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "SKF_WEIGHTS_URI"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (home / "mlruns").as_uri())
     return home
 
 

@@ -160,7 +160,8 @@ def _default_storage() -> Any:
     return open_storage(get_settings().storage_uri)
 
 
-def _check_name(name: str) -> None:
+def check_dataset_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a valid catalog dataset name (versions are ``name@N``)."""
     if not _NAME.match(name):
         raise ValueError(
             f"invalid dataset name {name!r}: use letters, digits, '.', '_' or '-' (no '@' or '/'), e.g. 'lol-v2-real'"
@@ -264,7 +265,7 @@ def ingest(
     Raises :class:`~components.data.layouts.LayoutError` when the source matches no layout, and
     :class:`IngestError` when no valid image is left after validation.
     """
-    _check_name(name)
+    check_dataset_name(name)
     catalog = catalog if catalog is not None else open_catalog()
     storage = storage if storage is not None else _default_storage()
     report = progress or (lambda done, total: None)

@@ -43,6 +43,7 @@ class MlflowLogger:
         tags: Mapping[str, Any] | None = None,
     ) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        run = None
         if run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
             experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
@@ -50,9 +51,9 @@ class MlflowLogger:
                 experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()}
             )
             run_id = run.info.run_id
-        elif tags:
-            self.set_tags(tags)
         self.run_id = run_id
+        if tags and run is None:  # continuing a run: add the tags to it
+            self.set_tags(tags)
 
     # RunLogger ---------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:

@@ -1,0 +1,258 @@
+"""``skf train``, ``skf evaluate``, ``skf demo`` and ``skf serve``: the training pipeline from the command line.
+
+``train`` and ``evaluate`` run the same jobs as the ``train-model`` / ``evaluate-model`` flows directly, with a
+progress bar (no Prefect API needed). ``demo`` runs the whole ``skf-train`` flow on the demo preset with the
+embedded defaults. ``serve`` serves every deployment of ``prefect.yaml`` from this process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
+_COLUMNS = (
+    TextColumn("[bold]{task.description}"),
+    BarColumn(),
+    MofNCompleteColumn(),
+    TimeElapsedColumn(),
+    TextColumn("{task.fields[info]}"),
+)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.iterations=100", "optimizer.lr=2e-4"]`` -> ``{"train.iterations": 100, ...}`` (YAML values)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(
+                f"{item!r}: expected KEY=VALUE, e.g. train.iterations=1000", param_hint="--set"
+            )
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _error(console: Console, exc: BaseException) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# prefect.yaml -> served deployments
+# --------------------------------------------------------------------------------------------------
+def _load_flow(entrypoint: str) -> Any:
+    """``flows/pipeline.py:skf_train`` -> the flow object, imported as a package module."""
+    path, _, name = entrypoint.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return getattr(module, name)
+
+
+def served_deployments(path: Path = PREFECT_YAML, names: list[str] | None = None) -> list[Any]:
+    """``flow.to_deployment(...)`` for each deployment of ``path`` (all, or those in ``names``)."""
+    from prefect.schedules import Cron
+
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    entries = spec.get("deployments") or []
+    known = [d["name"] for d in entries]
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise ValueError(f"no deployment {unknown} in {path}; it defines {known}")
+    out = []
+    for entry in entries:
+        if names and entry["name"] not in names:
+            continue
+        schedules = [
+            Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
+            for s in entry.get("schedules") or []
+            if "cron" in s
+        ]
+        out.append(
+            _load_flow(entry["entrypoint"]).to_deployment(
+                name=entry["name"],
+                description=entry.get("description"),
+                tags=list(entry.get("tags") or []),
+                parameters=dict(entry.get("parameters") or {}),
+                schedules=schedules or None,
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------
+def train_command(
+    version_ref: str = typer.Argument(..., help="Dataset version, e.g. lol@2 (or lol for the latest)."),
+    baseline: str = typer.Option("baseline/snr-net@1", help="Baseline spec (see `skf components`)."),
+    recipe: str | None = typer.Option(None, help="Recipe name or YAML path (default: <baseline>-skf)."),
+    skb: str = typer.Option("skb/hrnet-w48-pascal@1", help="SKB spec, or 'off' for the plain baseline."),
+    se: str | None = typer.Option(None, help="SE spec or 'off' (default: as the recipe says)."),
+    sch: str | None = typer.Option(None, help="SCH loss spec or 'off'."),
+    sa: str | None = typer.Option(None, help="SA loss spec or 'off' (DRBN only)."),
+    skb_mode: str | None = typer.Option(None, help="cached or online (default: the recipe's)."),
+    skb_checkpoint: str | None = typer.Option(None, help="HRNet checkpoint path/URI (default: random init)."),
+    override: list[str] = typer.Option([], "--set", help="Recipe override KEY=VALUE (repeatable)."),
+    val_fraction: float = typer.Option(0.1, help="Fraction of train pairs carved out for validation."),
+    device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+) -> None:
+    """Train (or resume, or reuse) a model on VERSION_REF; prints the MLflow run and checkpoint."""
+    from components.recipes import RecipeError
+    from components.registry import UnknownComponentError
+    from flows.train import plan_training, run_training
+
+    console = Console()
+    try:
+        plan = plan_training(
+            baseline,
+            recipe,
+            {"se": se, "sch": sch, "sa": sa},
+            skb,
+            skb_mode,
+            parse_overrides(override),
+            skb_checkpoint,
+        )
+    except (UnknownComponentError, RecipeError, ValueError) as exc:
+        raise _error(console, exc) from exc
+    with Progress(*_COLUMNS, console=console, transient=True) as bar:
+        task_id = bar.add_task("training", total=plan.recipe.train.iterations, info="")
+
+        def progress(p: Any) -> None:
+            shown = {**p.metrics, **(p.val_metrics or {})}
+            info = " ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:4])
+            bar.update(task_id, completed=p.step, info=info)
+
+        try:
+            outcome = run_training(
+                version_ref,
+                plan,
+                val_fraction=val_fraction,
+                device=device,
+                progress=progress,
+                log=lambda msg: bar.console.print(msg, soft_wrap=True),
+            )
+        except LookupError as exc:
+            raise _error(console, exc) from exc
+    table = Table(title=f"{plan.recipe.name} on {outcome.dataset_version}: {outcome.status}")
+    table.add_column("")
+    table.add_column("", overflow="fold")
+    for key, value in (
+        ("MLflow run", outcome.run_id),
+        ("checkpoint", outcome.checkpoint_uri),
+        ("config hash", outcome.config_hash),
+        ("steps", str(outcome.steps)),
+        *((k, f"{v:.4f}") for k, v in sorted(outcome.metrics.items())),
+    ):
+        table.add_row(key, value)
+    console.print(table)
+
+
+def evaluate_command(
+    model: str = typer.Argument(..., help="Training run id or models:/<name>@<alias> | models:/<name>/<n>."),
+    version_ref: str = typer.Argument(..., help="Dataset version whose test split is scored."),
+    protocol: str = typer.Option("raw", help="raw, gt-mean, paper or paper-gt-mean."),
+    unpaired: list[str] = typer.Option(
+        [], "--unpaired", help="Unpaired dataset version for NIQE (repeatable)."
+    ),
+    device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+) -> None:
+    """Score MODEL on VERSION_REF's test pairs (PSNR, SSIM, LPIPS, NIQE) and log the results to its run."""
+    from flows.evaluate import ModelNotFoundError, run_evaluation
+
+    console = Console()
+    with Progress(*_COLUMNS, console=console, transient=True) as bar:
+        task_id = bar.add_task("enhancing", total=None, info="")
+        try:
+            result = run_evaluation(
+                model,
+                version_ref,
+                protocol,
+                unpaired,
+                device=device,
+                progress=lambda done, total: bar.update(task_id, completed=done, total=total),
+                log=lambda msg: bar.console.print(msg, soft_wrap=True),
+            )
+        except (ModelNotFoundError, LookupError, ValueError) as exc:
+            raise _error(console, exc) from exc
+    console.print(metrics_table(result))
+    console.print(f"per-image scores: {result['csv_uri']}\ncrops: {result['grid_uri']}", soft_wrap=True)
+
+
+def metrics_table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"{result['dataset_version']}, protocol {result['protocol']} ({result['status']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("note", overflow="fold")
+    for key, value in sorted(result["metrics"].items()):
+        table.add_row(key, f"{value:.4f}", "")
+    for key, why in sorted(result["unavailable"].items()):
+        table.add_row(key, "unavailable", why)
+    return table
+
+
+def demo_command(
+    iterations: int | None = typer.Option(None, help="Training iterations (default: the demo preset's)."),
+) -> None:
+    """Run the whole pipeline on generated demo data: ingest, priors, train, evaluate, register."""
+    # Before Prefect is imported: the ephemeral API keeps its SQLite file in PREFECT_HOME (which must
+    # exist), and its first start on a fresh home (migrations) can exceed the 20 s default on a busy laptop.
+    Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from components.settings import get_settings
+    from flows.pipeline import resolve_params, skf_train
+
+    console = Console()
+    settings = get_settings()
+    overrides = {"training": {"overrides": {"train.iterations": iterations}}} if iterations else {}
+    params = resolve_params({"preset": "demo", **overrides})
+    console.print(f"SKF demo in {settings.home} (catalog, store and MLflow runs live there)")
+    result = skf_train(params=params)
+    reg, ev = result["register"], result["evaluate"]
+    console.print(metrics_table(ev))
+    decision = reg.get("decision") or {}
+    console.print(
+        "\n".join(
+            [
+                f"registered model: models:/{reg['name']}/{reg['version']}  "
+                f"(alias: models:/{reg['name']}@challenger)",
+                f"champion alias:   models:/{reg['name']}@champion -- "
+                + ("this model" if decision.get("promoted") else "not set by this run"),
+                f"promotion:        {decision.get('reason', 'not attempted')}",
+                "note: the demo SKB is randomly initialised (no HRNet checkpoint offline), so the demo model "
+                "is registered as challenger and never promoted to champion.",
+                f"MLflow UI:        mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}",
+                f"enhance images:   skf enhance --model models:/{reg['name']}@challenger IN OUT",
+            ]
+        ),
+        soft_wrap=True,
+    )
+
+
+def serve_command(
+    name: list[str] = typer.Option([], "--name", "-n", help="Serve only this deployment (repeatable)."),
+    file: Path = typer.Option(PREFECT_YAML, "--file", help="The prefect.yaml to read."),
+) -> None:
+    """Serve the deployments of prefect.yaml from this process (local use; no work pools needed)."""
+    from prefect import serve
+
+    try:
+        deployments = served_deployments(file, name or None)
+    except (ValueError, OSError) as exc:
+        raise _error(Console(), exc) from exc
+    serve(*deployments)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)
+    app.command("demo")(demo_command)
+    app.command("serve")(serve_command)

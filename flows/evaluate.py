@@ -1,0 +1,325 @@
+"""Prefect flow ``evaluate-model``: score a trained run or a registered model on a dataset version.
+
+The model is a training run id (its ``enhancer-package`` artifacts) or an MLflow model URI (``models:/name@alias``, ``models:/name/3``). Paired
+metrics are computed on the version's test split, NIQE on the unpaired sets named in ``unpaired_refs``.
+Everything lands on the MLflow run behind the model: aggregate metrics, the protocol record, a per-image
+CSV, a grid of input/output/reference crops and a markdown report; the flow also publishes the table and
+the report as Prefect artifacts. An evaluation already recorded on the run (same protocol, same dataset
+versions) is not repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.train import mlflow_client
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+EVAL_TAG = "skf.eval."
+GRID_IMAGES = 4
+GRID_CROP = 128
+
+
+class ModelNotFoundError(LookupError):
+    """The model reference names no run or registered model version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """What to evaluate and where to record it."""
+
+    uri: str  # as given: a run id or an MLflow model URI
+    run_id: str  # the training run the results are logged to
+    registered: str | None = None  # "name/version" for registered models
+
+
+def resolve_model(client: Any, model: str) -> ModelRef:
+    """A run id or ``models:/name@alias`` / ``models:/name/version`` -> the run behind it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if _RUN_ID.match(model):
+            return ModelRef(model, client.get_run(model).info.run_id)
+        if model.startswith("models:/"):
+            name, _, rest = model[len("models:/") :].partition("@")
+            if rest:
+                mv = client.get_model_version_by_alias(name, rest)
+            else:
+                name, _, number = name.partition("/")
+                mv = client.get_model_version(name, number)
+            if not mv.run_id:
+                raise ModelNotFoundError(f"{model} was not logged from a run; evaluate it by run id")
+            return ModelRef(model, mv.run_id, f"{mv.name}/{mv.version}")
+    except MlflowException as exc:
+        raise ModelNotFoundError(
+            f"no model {model!r} in MLflow at {client.tracking_uri}: {exc.message}"
+        ) from exc
+    raise ModelNotFoundError(
+        f"cannot evaluate {model!r}: pass a training run id (32 hex) or models:/<name>@<alias> | /<version>"
+    )
+
+
+def load_model(ref: ModelRef, device: str | torch.device) -> Any:
+    """The enhancer behind ``ref``: the run's enhancer package, or the registered pyfunc's weights."""
+    if ref.registered is None:
+        from components.model_registry import PACKAGE_PATH, load_enhancer_package
+
+        return load_enhancer_package(f"runs:/{ref.run_id}/{PACKAGE_PATH}", device=str(device)).eval()
+    from components.serving import load_enhancer
+
+    return load_enhancer(ref.uri, device=device)
+
+
+def _tensor(record: Any) -> torch.Tensor:
+    from components.data.torch_dataset import load_rgb
+
+    return torch.from_numpy(load_rgb(record).copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+Progress = Callable[[int, int], None]
+
+
+@torch.inference_mode()
+def _enhance(
+    enhancer: Any, images: Sequence[torch.Tensor], device: torch.device, progress: Progress | None = None
+) -> list[torch.Tensor]:
+    """One image at a time (sizes differ across sets); ``progress(done, total)`` after each."""
+    outs = []
+    for x in images:
+        outs.append(enhancer(x.unsqueeze(0).to(device))[0].float().cpu())
+        if progress is not None:
+            progress(len(outs), len(images))
+    return outs
+
+
+def _centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ch, cw = min(size, h), min(size, w)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return x[..., top : top + ch, left : left + cw]
+
+
+def crop_grid(rows: Sequence[tuple[torch.Tensor, ...]], size: int = GRID_CROP) -> Any:
+    """A PIL image: one row per image, its crops (input | output | reference) side by side."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    strips = []
+    for images in rows:
+        crops = [_centre_crop(x.clamp(0, 1), size) for x in images]
+        h = max(c.shape[-2] for c in crops)
+        crops = [F.pad(c, (0, 0, 0, h - c.shape[-2])) for c in crops]
+        strips.append(torch.cat(crops, dim=-1))
+    width = max(s.shape[-1] for s in strips)
+    grid = torch.cat([F.pad(s, (0, width - s.shape[-1])) for s in strips], dim=-2)
+    array = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def eval_key(protocol: str, version_ref: str, unpaired: Sequence[str]) -> str:
+    """Tag-safe name of one evaluation: protocol and every dataset version it covers."""
+    parts = [protocol, version_ref.replace("@", ".v"), *(u.replace("@", ".v") for u in unpaired)]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(parts))
+
+
+def _split_name(split: str, protocol: str) -> str:
+    return split if protocol == "raw" else f"{split}-{protocol}"
+
+
+def run_evaluation(
+    model: str,
+    version_ref: str,
+    protocol: str = "raw",
+    unpaired_refs: Sequence[str] = (),
+    *,
+    metrics: Sequence[str] | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``version_ref``'s test pairs (and NIQE on ``unpaired_refs``); see the module doc.
+
+    ``progress(done, total)`` follows the enhanced images over all sets.
+    """
+    from mlflow.entities import Metric, RunTag
+
+    from components.data.ingest import get_version
+    from components.evaluation import (
+        PAIRED_DEFAULT,
+        UNPAIRED_DEFAULT,
+        evaluate_pairs,
+        evaluate_unpaired,
+        get_protocol,
+    )
+
+    client = mlflow_client()
+    ref = resolve_model(client, model)
+    version = get_version(version_ref)
+    unpaired = [get_version(u) for u in unpaired_refs]
+    key = eval_key(get_protocol(protocol).name, version.ref, [u.ref for u in unpaired])
+    done = client.get_run(ref.run_id).data.tags.get(EVAL_TAG + key)
+    if done:
+        log(f"evaluation skipped: run {ref.run_id} already holds {key}")
+        return {**json.loads(done), "status": "skipped"}
+
+    pairs = version.pairs("test")
+    if not pairs:
+        raise ValueError(f"{version.ref} has no test pairs to evaluate on; ingest a layout with a test split")
+    unpaired_records = [uv.records(role="unpaired") for uv in unpaired]
+    for uv, records in zip(unpaired, unpaired_records, strict=True):
+        if not records:
+            raise ValueError(f"{uv.ref} has no unpaired images; ingest it with --layout unpaired")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    enhancer = load_model(ref, dev)
+    total = len(pairs) + sum(len(r) for r in unpaired_records)
+    offset = [0]
+
+    def step(done: int, _n: int) -> None:
+        if progress is not None:
+            progress(offset[0] + done, total)
+
+    lows = [_tensor(low) for low, _ in pairs]
+    highs = [_tensor(high) for _, high in pairs]
+    outs = _enhance(enhancer, lows, dev, step)
+    offset[0] = len(pairs)
+    log(f"enhanced {len(outs)} test images of {version.ref} with {ref.uri}")
+    reports = [
+        evaluate_pairs(
+            outs,
+            highs,
+            protocol,
+            metrics or PAIRED_DEFAULT,
+            names=[low.pair_key for low, _ in pairs],
+            device=dev,
+            split=_split_name("test", protocol),
+        )
+    ]
+    unpaired_protocol = protocol if get_protocol(protocol).brightness == "none" else "raw"
+    for uv, records in zip(unpaired, unpaired_records, strict=True):
+        outputs = _enhance(enhancer, [_tensor(r) for r in records], dev, step)
+        offset[0] += len(records)
+        reports.append(
+            evaluate_unpaired(
+                outputs,
+                unpaired_protocol,
+                UNPAIRED_DEFAULT,
+                names=[r.pair_key for r in records],
+                device=dev,
+                split=_split_name(uv.name, unpaired_protocol),
+            )
+        )
+
+    values = {k: v for r in reports for k, v in r.mlflow_metrics().items()}
+    unavailable = {f"{r.split}/{m}": u.reason[:300] for r in reports for m, u in r.unavailable.items()}
+    markdown = "\n".join(r.to_markdown() for r in reports)
+    folder = f"eval/{key}"
+    with tempfile.TemporaryDirectory(prefix="skf-eval-") as tmp:
+        out = Path(tmp)
+        for r in reports:
+            r.to_csv(out / f"{r.split}-per_image.csv")
+        crop_grid(list(zip(lows, outs, highs, strict=True))[:GRID_IMAGES]).save(out / "grid.png")
+        (out / "report.md").write_text(markdown)
+        client.log_artifacts(ref.run_id, str(out), folder)
+    base = f"{client.get_run(ref.run_id).info.artifact_uri}/{folder}"
+    summary = {
+        "model": ref.uri,
+        "run_id": ref.run_id,
+        "registered": ref.registered,
+        "dataset_version": version.ref,
+        "unpaired_versions": [u.ref for u in unpaired],
+        "protocol": get_protocol(protocol).name,
+        "metrics": values,
+        "unavailable": unavailable,
+        "csv_uri": f"{base}/{reports[0].split}-per_image.csv",
+        "grid_uri": f"{base}/grid.png",
+        "report_uri": f"{base}/report.md",
+    }
+    tags = {f"eval.{key}/{k}": v for k, v in reports[0].mlflow_params().items()}
+    tags.update(reports[0].mlflow_tags())
+    tags[EVAL_TAG + key] = json.dumps(summary, sort_keys=True)
+    client.log_batch(
+        ref.run_id,
+        metrics=[Metric(k, v, 0, 0) for k, v in values.items()],
+        tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
+    )
+    return {**summary, "status": "evaluated", "markdown": markdown}
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefect
+# --------------------------------------------------------------------------------------------------
+@task(name="evaluate", tags=["gpu"])
+def evaluate_task(
+    model: str, version_ref: str, protocol: str, unpaired_refs: list[str], device: str | None
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    return run_evaluation(model, version_ref, protocol, unpaired_refs, device=device, log=logger.info)
+
+
+def metric_table(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for the Prefect table artifact: every metric, unavailable ones with their reason."""
+    rows = [{"metric": k, "value": round(v, 4), "note": ""} for k, v in sorted(result["metrics"].items())]
+    rows += [
+        {"metric": k, "value": None, "note": why[:200]} for k, why in sorted(result["unavailable"].items())
+    ]
+    return rows
+
+
+def evaluation_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Evaluation of `{result['model']}` on `{result['dataset_version']}` ({result['status']})",
+        "",
+        f"Protocol `{result['protocol']}`; MLflow run `{result['run_id']}`"
+        + (f" (registered {result['registered']})" if result.get("registered") else ""),
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        *(f"| {k} | {v:.4f} |" for k, v in sorted(result["metrics"].items())),
+        *(f"| {k} | unavailable: {why} |" for k, why in sorted(result["unavailable"].items())),
+        "",
+        f"- crops (input / output / reference): [{result['grid_uri']}]({result['grid_uri']})",
+        f"- per-image scores: [{result['csv_uri']}]({result['csv_uri']})",
+        f"- full report: [{result['report_uri']}]({result['report_uri']})",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100]
+
+
+@flow(name="evaluate-model")
+def evaluate_model(
+    model_uri_or_run_id: str,
+    version_ref: str,
+    protocol: str = "raw",
+    unpaired_refs: list[str] | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run (id) or registered model (``models:/...``) on ``version_ref``'s test split.
+
+    Returns the metrics (``test/psnr``, ...), unavailable metrics with reasons, and the URIs of the
+    per-image CSV, the crop grid and the report on the MLflow run.
+    """
+    from components.evaluation import get_protocol
+
+    get_protocol(protocol)  # an unknown protocol fails before any work
+    result = evaluate_task(model_uri_or_run_id, version_ref, protocol, list(unpaired_refs or []), device)
+    key = _key(f"eval-{result['run_id'][:8]}-{result['protocol']}-{result['dataset_version']}")
+    create_table_artifact(table=metric_table(result), key=key + "-metrics", description="Evaluation metrics")
+    create_markdown_artifact(
+        markdown=evaluation_markdown(result) + "\n" + result.get("markdown", ""),
+        key=key,
+        description=f"Evaluation of {result['model']} on {result['dataset_version']}",
+    )
+    return {k: v for k, v in result.items() if k != "markdown"}

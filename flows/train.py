@@ -1,0 +1,578 @@
+"""Prefect flow ``train-model``: train a baseline(+SKF) recipe on a dataset version, resumably, once.
+
+The run's identity is its *config hash*: the effective recipe, the resolved component specs, the SKB
+fingerprint, the dataset manifest and the validation carve. A finished :class:`TrainingRun` row (or a
+finished MLflow run tagged ``skf.config_hash``) with that hash makes a rerun a no-op; an unfinished one is
+resumed from its last checkpoint under ``$SKF_HOME/runs/<hash>`` in the same MLflow run.
+
+Besides the engine's checkpoints, a finished run holds the enhancer package (``enhancer-package/``: spec
+JSON with the resolved specs and SKB fingerprint, network and SKB weights as safetensors), which is what
+evaluation and the ``register-model`` flow load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, ConfigDict
+
+from components import registry
+from components.recipes import Recipe, load_recipe
+from components.training.tasks import SA_SPEC, SCH_SPEC, SE_SPECS
+from flows.env import configure_environment
+
+configure_environment()  # flow-run processes of a worker never import the CLI that sets it
+
+OFF = "off"
+DEFAULT_BASELINE = "baseline/snr-net@1"
+DEFAULT_SKB = "skb/hrnet-w48-pascal@1"
+DEFAULT_VAL_FRACTION = 0.1
+EXPERIMENT = "skf"
+CONFIG_HASH_TAG = "skf.config_hash"
+CHECKPOINT_ARTIFACT = "checkpoints/latest.pt"
+_HASH_FORMAT = 1
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``stop_after_step``: training stopped on purpose after a checkpointed step."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: parameters -> validated recipe + resolved specs (no I/O, no weights)
+# --------------------------------------------------------------------------------------------------
+class SKFSwitches(BaseModel):
+    """The SKF modules by registry spec; ``"off"`` disables one, ``None`` keeps the recipe's choice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    se: str | None = None
+    sch: str | None = None
+    sa: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """A validated training request: the effective recipe and the resolved component specs."""
+
+    recipe: Recipe
+    baseline: str
+    skb: str | None  # resolved SKB spec; None when the recipe uses no SKF module
+    skb_checkpoint: str | None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "baseline": self.baseline,
+            "skb": self.skb or OFF,
+            "skb_mode": self.recipe.skf.skb_mode if self.skb else OFF,
+            "se": self.recipe.skf.se,
+            "sch": self.recipe.skf.sch.enabled,
+            "sa": self.recipe.skf.sa.enabled,
+            "iterations": self.recipe.train.iterations,
+        }
+
+
+def _family(baseline: str) -> str:
+    return baseline.split("@", 1)[0].split("/", 1)[1]
+
+
+def _switch_overrides(family: str, skf: SKFSwitches, skb: str) -> dict[str, bool]:
+    """Recipe overrides for the requested SE/SCH/SA specs; a spec must be the one the baseline uses."""
+    out: dict[str, bool] = {}
+    for field, expected, key in (
+        ("se", SE_SPECS[family], "skf.se"),
+        ("sch", SCH_SPEC, "skf.sch.enabled"),
+        ("sa", SA_SPEC, "skf.sa.enabled"),
+    ):
+        value = getattr(skf, field)
+        if skb == OFF and value is None:
+            value = OFF  # no SKB: nothing semantic can run
+        if value is None:
+            continue
+        if value == OFF:
+            out[key] = False
+            continue
+        if skb == OFF:
+            raise ValueError(f"{field}={value!r} needs semantic priors, but skb is 'off'; name an SKB spec")
+        got, want = registry.resolved_spec(value), registry.resolved_spec(expected)
+        if got != want:
+            raise ValueError(
+                f"{field}={got} does not fit baseline/{family}: its network is built with {want} "
+                f"(use {want!r} or 'off')"
+            )
+        out[key] = True
+    return out
+
+
+def plan_training(
+    baseline: str = DEFAULT_BASELINE,
+    recipe: str | None = None,
+    skf: SKFSwitches | Mapping[str, Any] | None = None,
+    skb: str = DEFAULT_SKB,
+    skb_mode: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    skb_checkpoint: str | None = None,
+) -> TrainingPlan:
+    """Validate a training request without touching data or weights.
+
+    ``recipe`` defaults to ``<baseline>-skf`` (or the plain ``<baseline>`` recipe when every SKF module
+    is off); ``skb_mode`` ``None`` keeps the recipe's mode. Unknown specs raise
+    :class:`~components.registry.UnknownComponentError`, bad recipes/overrides
+    :class:`~components.recipes.RecipeError`, inconsistent choices :class:`ValueError`.
+    """
+    switches = skf if isinstance(skf, SKFSwitches) else SKFSwitches.model_validate(dict(skf or {}))
+    baseline_spec = registry.resolved_spec(baseline)
+    if not baseline_spec.startswith("baseline/"):
+        raise ValueError(f"baseline must be a 'baseline/...' spec, got {baseline!r}")
+    family = _family(baseline_spec)
+    if family not in SE_SPECS:
+        raise ValueError(f"no training task for {baseline_spec}; supported: {sorted(SE_SPECS)}")
+    if skb != OFF and not registry.resolved_spec(skb).startswith("skb/"):
+        raise ValueError(f"skb must be an 'skb/...' spec or 'off', got {skb!r}")
+    if switches.sa not in (None, OFF) and family != "drbn":
+        raise ValueError(f"sa={switches.sa!r}: the SA loss is only defined for DRBN-SKF; use sa='off'")
+    switch = _switch_overrides(family, switches, skb)
+    all_off = skb == OFF or all(getattr(switches, f) == OFF for f in ("se", "sch", "sa"))
+    name = recipe or (family if all_off else f"{family}-skf")
+    merged: dict[str, Any] = {**dict(overrides or {}), **switch}
+    if skb_mode is not None:
+        merged["skf.skb_mode"] = skb_mode
+    loaded = load_recipe(name, merged)
+    if _family(registry.resolved_spec(loaded.baseline)) != family:
+        raise ValueError(
+            f"recipe {loaded.name!r} trains {loaded.baseline}, not {baseline_spec}: "
+            f"choose a {family} recipe (e.g. {family!r} or '{family}-skf')"
+        )
+    loaded = loaded.model_copy(update={"baseline": baseline_spec})
+    uses_skb = loaded.skf.enabled
+    return TrainingPlan(
+        recipe=loaded,
+        baseline=baseline_spec,
+        skb=registry.resolved_spec(skb) if uses_skb else None,
+        skb_checkpoint=skb_checkpoint if uses_skb else None,
+    )
+
+
+def config_hash(
+    plan: TrainingPlan, *, skb_fingerprint: str | None, manifest_sha256: str, val_fraction: float
+) -> str:
+    """sha256 of everything that determines the trained weights (device and logging excluded)."""
+    payload = {
+        "format": _HASH_FORMAT,
+        "recipe": plan.recipe.model_dump(mode="json"),
+        "baseline": plan.baseline,
+        "skb": plan.skb,
+        "skb_fingerprint": skb_fingerprint,
+        "dataset_manifest": manifest_sha256,
+        "val_fraction": val_fraction,
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# The training job (Prefect-free; the task below wraps it)
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainOutcome:
+    run_id: str
+    checkpoint_uri: str
+    config_hash: str
+    dataset_version: str
+    status: str  # "trained" | "resumed" | "skipped"
+    steps: int
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    skb_pretrained: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def mlflow_client() -> Any:
+    """A client on the configured tracking URI, which also becomes MLflow's current one."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in flow logs
+    import mlflow
+    from mlflow import MlflowClient
+
+    from components.settings import get_settings
+
+    uri = get_settings().mlflow_tracking_uri
+    mlflow.set_tracking_uri(uri)
+    # Fluent calls (Model.log inside registration) create logged models in the *active* experiment; on
+    # the file store a model outside its run's experiment cannot be read back, so make ours the active one.
+    mlflow.set_experiment(EXPERIMENT)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _finished_mlflow_run(client: Any, digest: str) -> Any:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _run_row(catalog: Any, digest: str, version_id: int) -> dict[str, Any] | None:
+    """The newest TrainingRun of (config hash, dataset version) as plain data."""
+    import sqlalchemy as sa
+
+    from components.catalog import TrainingRun
+
+    with catalog.session() as session:
+        row = session.scalars(
+            sa.select(TrainingRun)
+            .where(TrainingRun.config_hash == digest, TrainingRun.dataset_version_id == version_id)
+            .order_by(TrainingRun.id.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        return {"id": row.id, "status": row.status, "run_id": row.mlflow_run_id, "ckpt": row.checkpoint_uri}
+
+
+def _upsert_row(catalog: Any, row_id: int | None, **values: Any) -> int:
+    from components.catalog import TrainingRun
+
+    with catalog.session() as session:
+        row = session.get(TrainingRun, row_id) if row_id is not None else None
+        if row is None:
+            row = TrainingRun(**values)
+            session.add(row)
+        else:
+            for key, value in values.items():
+                setattr(row, key, value)
+        session.flush()
+        return row.id
+
+
+def build_skb(plan: TrainingPlan, device: str | None = None) -> Any:
+    """The plan's SKB (strictly loaded from its checkpoint, or seeded random weights), or ``None``."""
+    if plan.skb is None:
+        return None
+    return registry.create(plan.skb, checkpoint=plan.skb_checkpoint, device=device)
+
+
+def ensure_priors(version_ref: str, skb: Any, splits: tuple[str, ...] = ("train",)) -> None:
+    """Cached mode trains on the prior cache: compute whatever is missing (nothing, normally)."""
+    from components.precompute import precompute_priors
+
+    summary = precompute_priors(version_ref, skb.spec, skb=skb, splits=splits)
+    if summary.failed:
+        raise RuntimeError(
+            f"priors missing for {summary.failed} training image(s) of {version_ref}: "
+            f"{next(iter(summary.errors.items()))}; run `skf precompute {version_ref}` and fix them"
+        )
+
+
+def _datasets(version: Any, plan: TrainingPlan, val_fraction: float) -> tuple[Any, Any]:
+    from torch.utils.data import DataLoader
+
+    from components.data.torch_dataset import PairedImageDataset, carve_validation
+
+    seed = plan.recipe.train.seed
+    records = carve_validation(version, val_fraction, seed=seed) if val_fraction > 0 else list(version.images)
+    train_ds = PairedImageDataset(records, "train", crop=plan.recipe.train.crop, augment=True, seed=seed)
+    if val_fraction <= 0:
+        return train_ds, None
+    val_ds = PairedImageDataset(records, "val", crop=None, augment=False, seed=seed)
+    return train_ds, DataLoader(val_ds, batch_size=1, shuffle=False)
+
+
+def log_package(plan: TrainingPlan, skb: Any, checkpoint: Path, run_id: str) -> str:
+    """Rebuild the trained network from ``checkpoint`` and log it with its SKB as the run's enhancer package."""
+    from components.checkpoints import load_strict
+    from components.inference import Enhancer, make_spec
+    from components.model_registry import log_enhancer_package
+    from components.training.checkpoint import load_checkpoint
+
+    net = registry.create(plan.baseline, **plan.recipe.builder_kwargs())
+    load_strict(net, load_checkpoint(checkpoint)["modules"]["net"], source=str(checkpoint))
+    spec = make_spec(
+        plan.baseline,
+        net,
+        skb,
+        baseline_kwargs=dict(plan.recipe.model),
+        two_pass=plan.recipe.skf.two_pass_test and plan.recipe.skf.se,
+    )
+    return log_enhancer_package(Enhancer(net.cpu(), skb, spec), run_id)
+
+
+def run_training(
+    version_ref: str,
+    plan: TrainingPlan,
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    device: str | None = None,
+    progress: Callable[[Any], None] | None = None,
+    stop_after_step: int | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainOutcome:
+    """Train ``plan`` on ``version_ref`` unless a finished run with the same config hash exists.
+
+    Resumes an unfinished run of the same hash from ``$SKF_HOME/runs/<hash[:16]>/checkpoints``.
+    ``stop_after_step`` raises :class:`TrainingInterrupted` once that step is done (checkpoint it by
+    choosing a multiple of ``train.ckpt_every``) -- how tests and drills exercise resumption.
+    """
+    from components.catalog import open_catalog
+    from components.data.ingest import get_version
+    from components.prior_cache import PriorCache
+    from components.settings import get_settings
+    from components.storage import open_storage
+    from components.training.mlflow_logger import MlflowLogger
+    from components.training.tasks import train
+
+    settings = get_settings()
+    catalog = open_catalog()
+    version = get_version(version_ref, catalog=catalog)
+    skb = build_skb(plan, device)
+    digest = config_hash(
+        plan,
+        skb_fingerprint=skb.fingerprint if skb is not None else None,
+        manifest_sha256=version.manifest_sha256,
+        val_fraction=val_fraction,
+    )
+    client = mlflow_client()
+    row = _run_row(catalog, digest, version.id)
+    done = None
+    if row is not None and row["status"] == "finished" and row["run_id"]:
+        done = client.get_run(row["run_id"])
+    elif row is None:
+        done = _finished_mlflow_run(client, digest)
+    if done is not None:
+        log(f"training skipped: run {done.info.run_id} already trained config {digest[:12]} on {version.ref}")
+        if row is None or row["status"] != "finished":
+            _upsert_row(
+                catalog,
+                None if row is None else row["id"],
+                dataset_version_id=version.id,
+                config_hash=digest,
+                mlflow_run_id=done.info.run_id,
+                status="finished",
+                checkpoint_uri=f"{done.info.artifact_uri}/{CHECKPOINT_ARTIFACT}",
+                finished_at=dt.datetime.now(dt.UTC),
+            )
+        return TrainOutcome(
+            run_id=done.info.run_id,
+            checkpoint_uri=f"{done.info.artifact_uri}/{CHECKPOINT_ARTIFACT}",
+            config_hash=digest,
+            dataset_version=version.ref,
+            status="skipped",
+            steps=int(done.data.params.get("trainer.iterations", plan.recipe.train.iterations)),
+            metrics={k: v for k, v in done.data.metrics.items() if k.startswith(("train/", "val/"))},
+            skb_pretrained=None if skb is None else bool(skb.pretrained),
+        )
+
+    cache = None
+    if skb is not None and plan.recipe.skf.skb_mode == "cached":
+        ensure_priors(version.ref, skb)
+        cache = PriorCache(open_storage(settings.storage_uri), catalog, skb.fingerprint)
+
+    run_dir = settings.home / "runs" / digest[:16]
+    resuming = row is not None and bool(row["run_id"]) and (run_dir / "checkpoints" / "latest.pt").is_file()
+    tags = {
+        CONFIG_HASH_TAG: digest,
+        "skf.dataset_version": version.ref,
+        "skf.recipe": plan.recipe.name,
+        "skf.baseline": plan.baseline,
+        "skf.skb": plan.skb or OFF,
+    }
+    previous_run = row["run_id"] if row is not None and row["run_id"] else None
+    logger = MlflowLogger(
+        settings.mlflow_tracking_uri,
+        EXPERIMENT,
+        run_id=previous_run,
+        run_name=f"{plan.recipe.name}-{version.ref}-{digest[:8]}",
+        tags=None if previous_run else tags,  # a continued run already carries them
+    )
+    row_id = _upsert_row(
+        catalog,
+        None if row is None else row["id"],
+        dataset_version_id=version.id,
+        config_hash=digest,
+        mlflow_run_id=logger.run_id,
+        status="running",
+    )
+    log(
+        f"{'resuming' if resuming else 'training'} {plan.recipe.name} on {version.ref} "
+        f"(config {digest[:12]}, MLflow run {logger.run_id}, run dir {run_dir})"
+    )
+
+    def on_progress(p: Any) -> None:
+        if progress is not None:
+            progress(p)
+        if stop_after_step is not None and p.step >= stop_after_step:
+            raise TrainingInterrupted(f"stopped after step {p.step} (stop_after_step={stop_after_step})")
+
+    train_ds, val_loader = _datasets(version, plan, val_fraction)
+    try:
+        fit = train(
+            plan.recipe,
+            train_ds,
+            val_loader,
+            run_dir=run_dir,
+            skb=skb,
+            prior_cache=cache,
+            baseline_spec=plan.baseline,
+            logger=logger,
+            progress=on_progress,
+            resume=True,
+            params={"dataset.version": version.ref, "dataset.manifest": version.manifest_sha256},
+            device=device,
+        )
+        if fit.checkpoint is None:
+            raise RuntimeError(f"training of {plan.recipe.name} ended without a checkpoint in {run_dir}")
+        log_package(plan, skb, fit.checkpoint, logger.run_id)
+    except BaseException:
+        _upsert_row(catalog, row_id, status="failed")
+        logger.close("KILLED" if stop_after_step is not None else "FAILED")
+        raise
+    checkpoint_uri = f"{client.get_run(logger.run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
+    _upsert_row(
+        catalog, row_id, status="finished", checkpoint_uri=checkpoint_uri, finished_at=dt.datetime.now(dt.UTC)
+    )
+    logger.close("FINISHED")
+    return TrainOutcome(
+        run_id=logger.run_id,
+        checkpoint_uri=checkpoint_uri,
+        config_hash=digest,
+        dataset_version=version.ref,
+        status="resumed" if resuming else "trained",
+        steps=fit.step,
+        metrics={**{f"train/{k}": v for k, v in fit.train_metrics.items()}, **fit.val_metrics},
+        skb_pretrained=None if skb is None else bool(skb.pretrained),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefect
+# --------------------------------------------------------------------------------------------------
+GPU_TAG = "gpu"
+
+
+def ensure_gpu_limit(limit: int = 1) -> None:
+    """Create the tag concurrency limit ``gpu`` (= ``prefect concurrency-limit create gpu 1``) if missing.
+
+    Best effort: an API without tag limits, or a race with another flow creating it, only logs.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    logger = get_run_logger()
+    try:
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_concurrency_limit_by_tag(GPU_TAG)
+            except ObjectNotFound:
+                client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=limit)
+                logger.info("created the '%s' task concurrency limit (%d)", GPU_TAG, limit)
+    except Exception as exc:  # an older/foreign API: the limit is an optimisation, not a requirement
+        logger.warning("could not ensure the '%s' concurrency limit: %s", GPU_TAG, exc)
+
+
+@task(name="train", tags=[GPU_TAG])
+def train_task(
+    version_ref: str,
+    plan_args: dict[str, Any],
+    val_fraction: float,
+    device: str | None,
+    stop_after_step: int | None,
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    plan = plan_training(**plan_args)
+    last = [-1]
+
+    def progress(p: Any) -> None:
+        tenth = p.step * 10 // p.total
+        if tenth != last[0] or p.val_metrics:
+            last[0] = tenth
+            shown = {**p.metrics, **(p.val_metrics or {})}
+            logger.info(
+                "step %d/%d (%.0fs) %s",
+                p.step,
+                p.total,
+                p.elapsed_s,
+                ", ".join(f"{k}={v:.4g}" for k, v in shown.items()),
+            )
+
+    outcome = run_training(
+        version_ref,
+        plan,
+        val_fraction=val_fraction,
+        device=device,
+        progress=progress,
+        stop_after_step=stop_after_step,
+        log=logger.info,
+    )
+    return outcome.to_dict()
+
+
+def train_markdown(outcome: Mapping[str, Any], plan: TrainingPlan) -> str:
+    lines = [
+        f"# Training `{plan.recipe.name}` on `{outcome['dataset_version']}`: {outcome['status']}",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | `{v}` |" for k, v in plan.describe().items()),
+        f"| config hash | `{outcome['config_hash'][:16]}` |",
+        f"| MLflow run | `{outcome['run_id']}` |",
+        f"| checkpoint | `{outcome['checkpoint_uri']}` |",
+        f"| steps | {outcome['steps']} |",
+    ]
+    if outcome.get("metrics"):
+        lines += ["", "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(outcome["metrics"].items())]
+    if outcome.get("skb_pretrained") is False:
+        lines += ["", "**The SKB is randomly initialised: this model must never be promoted.**"]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="train-model")
+def train_model(
+    version_ref: str,
+    baseline: str = DEFAULT_BASELINE,
+    recipe: str | None = None,
+    skf: SKFSwitches | None = None,
+    skb: str = DEFAULT_SKB,
+    skb_mode: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    skb_checkpoint: str | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    device: str | None = None,
+    stop_after_step: int | None = None,
+) -> dict[str, Any]:
+    """Train ``recipe`` (default ``<baseline>-skf``) on dataset version ``version_ref``.
+
+    Returns ``run_id``, ``checkpoint_uri``, ``config_hash``, ``status`` (trained/resumed/skipped),
+    ``steps`` and the last metrics. A finished run of the same configuration is reused as is.
+    """
+    plan_args = {
+        "baseline": baseline,
+        "recipe": recipe,
+        "skf": (skf or SKFSwitches()).model_dump(),
+        "skb": skb,
+        "skb_mode": skb_mode,
+        "overrides": dict(overrides or {}),
+        "skb_checkpoint": skb_checkpoint,
+    }
+    plan = plan_training(**plan_args)  # bad parameters fail here, before any work
+    ensure_gpu_limit()
+    outcome = train_task(version_ref, plan_args, val_fraction, device, stop_after_step)
+    create_markdown_artifact(
+        markdown=train_markdown(outcome, plan),
+        key="train-" + outcome["config_hash"][:16],
+        description=f"Training of {plan.recipe.name} on {outcome['dataset_version']}",
+    )
+    return outcome

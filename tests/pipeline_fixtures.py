@@ -1,0 +1,71 @@
+"""Shared pieces of the pipeline tests: tiny demo data, tiny parameters, and spies that count real work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# 64x96 crops, 3 per photo: 12 train and 3 test pairs. W48-lite SKB, a 16-channel SNR-Net, 4 steps.
+TINY_OVERRIDES: dict[str, Any] = {
+    "train": {"iterations": 4, "batch_size": 2, "crop": 32, "val_every": 2, "ckpt_every": 2},
+    "skf.sch.every": 2,
+}
+
+
+def tiny_params(source: Path, name: str = "tiny", **extra: Any) -> dict[str, Any]:
+    """``skf-train`` parameters: the demo preset on ``source`` with a 4-step run and no validation split."""
+    from flows.pipeline import deep_merge
+
+    params: dict[str, Any] = {
+        "preset": "demo",
+        "dataset": {"source": str(source), "name": name, "demo": False, "layout": "lol"},
+        "training": {"overrides": TINY_OVERRIDES, "val_fraction": 0.0},
+        "registry": {"model_name": "tiny-model"},
+    }
+    return deep_merge(params, extra)
+
+
+def make_tiny_dataset(root: Path) -> Path:
+    from components.data.demo import generate_demo_dataset
+
+    return generate_demo_dataset(root, size=(64, 96), pairs_per_photo=3)
+
+
+@dataclass
+class WorkCounter:
+    skb_forwards: int = 0
+    train_steps: int = 0
+    registrations: int = 0
+
+    def reset(self) -> None:
+        self.skb_forwards = self.train_steps = self.registrations = 0
+
+
+def install_work_spies(monkeypatch: pytest.MonkeyPatch) -> WorkCounter:
+    """Count SKB forward passes, training iterations and model registrations done in this process."""
+    import components.model_registry as mr
+    from components.skb import SemanticKnowledgeBank
+    from components.training.tasks import SNRTask
+
+    counter = WorkCounter()
+    forward, step, log_enhancer = SemanticKnowledgeBank.forward, SNRTask.train_step, mr.log_enhancer
+
+    def counted_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counter.skb_forwards += 1
+        return forward(self, *args, **kwargs)
+
+    def counted_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counter.train_steps += 1
+        return step(self, *args, **kwargs)
+
+    def counted_log(*args: Any, **kwargs: Any) -> Any:
+        counter.registrations += 1
+        return log_enhancer(*args, **kwargs)
+
+    monkeypatch.setattr(SemanticKnowledgeBank, "forward", counted_forward)
+    monkeypatch.setattr(SNRTask, "train_step", counted_step)
+    monkeypatch.setattr(mr, "log_enhancer", counted_log)
+    return counter

@@ -1,0 +1,206 @@
+"""End to end with a real Prefect server: deploy skf-train/demo from prefect.yaml, run it on a process worker.
+
+The server, the work pool `cpu` and the worker run as separate processes on 127.0.0.1 with a private
+PREFECT_HOME and SKF_HOME, exactly as a user would start them. Three runs: a first one that does everything,
+a second one that finds nothing to do, and a run stopped during training whose rerun resumes from its
+checkpoint. Worker (SIGINT) and server (SIGTERM) are stopped by PID whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.pipeline_fixtures import make_tiny_dataset, tiny_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RUN_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int, timeout: float = 30) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class Stack:
+    """Environment and helpers around the running server."""
+
+    def __init__(self, env: dict[str, str], api: str, logs: Path) -> None:
+        self.env, self.api, self.logs = env, api, logs
+
+    def cli(self, *args: str, timeout: float = 180) -> str:
+        done = subprocess.run(
+            [str(BIN / "prefect"), *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    def run_deployment(self, params: dict[str, Any]) -> str:
+        out = self.cli("deployment", "run", "skf-train/demo", "--params", json.dumps({"params": params}))
+        match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+        assert match, out
+        return match.group(1)
+
+    def wait(self, flow_run_id: str, timeout: float = RUN_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = httpx.get(f"{self.api}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return state
+            time.sleep(2)
+        raise AssertionError(f"flow run {flow_run_id} not finished after {timeout}s; logs in {self.logs}")
+
+    def summary(self, flow_run_id: str) -> str:
+        """The skf-train summary markdown published by that flow run."""
+        body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "type": {"any_": ["markdown"]}}}
+        artifacts = httpx.post(f"{self.api}/artifacts/filter", json=body, timeout=10).json()
+        texts = [a["data"] for a in artifacts if (a.get("key") or "").startswith("skf-train-")]
+        assert texts, f"no skf-train summary artifact for {flow_run_id}"
+        return texts[0]
+
+
+@pytest.fixture()
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "SKF_HOME": str(tmp_path / "skf-home"),
+        "SKF_PROJECT_DIR": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "MLFLOW_TRACKING_URI", "SKF_WEIGHTS_URI"):
+        env.pop(var, None)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs: list[tuple[subprocess.Popen[bytes], int]] = []
+    try:
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=(logs / "server.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append((server, signal.SIGTERM))
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (logs / "server.log").read_text()
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "Prefect server not healthy after 180 s"
+            time.sleep(1)
+        s = Stack(env, api, logs)
+        s.cli("work-pool", "create", "cpu", "--type", "process")
+        s.cli("--no-prompt", "deploy", "--name", "demo")
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "cpu"],
+            cwd=REPO,
+            env=env,
+            stdout=(logs / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append((worker, signal.SIGINT))
+        yield s
+    finally:
+        for proc, sig in reversed(procs):
+            _stop(proc, sig)
+
+
+def test_demo_deployment_runs_skips_and_resumes(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy as sa
+    from mlflow import MlflowClient
+
+    data = make_tiny_dataset(tmp_path / "data")
+    params = tiny_params(data, name="e2e")
+
+    first = stack.run_deployment(params)
+    assert stack.wait(first) == "COMPLETED", (stack.logs / "worker.log").read_text()[-5000:]
+
+    monkeypatch.setenv("SKF_HOME", stack.env["SKF_HOME"])  # read what the worker wrote
+    for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "MLFLOW_TRACKING_URI", "SKF_WEIGHTS_URI"):
+        monkeypatch.delenv(var, raising=False)
+    from components.catalog import PriorCacheEntry, TrainingRun, open_catalog
+    from components.data.ingest import list_versions
+    from components.settings import get_settings
+
+    assert [v.ref for v in list_versions("e2e")] == ["e2e@1"]
+    catalog = open_catalog()
+    with catalog.session() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(PriorCacheEntry)) == 12
+        runs = session.scalars(sa.select(TrainingRun)).all()
+        assert [r.status for r in runs] == ["finished"]
+        run_id = runs[0].mlflow_run_id
+    client = MlflowClient(get_settings().mlflow_tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "test/psnr" in run.data.metrics
+    challenger = client.get_model_version_by_alias("tiny-model", "challenger")
+    assert challenger.run_id == run.info.run_id
+    assert "Training**: trained" in stack.summary(first)
+
+    second = stack.run_deployment(params)
+    assert stack.wait(second) == "COMPLETED"
+    summary = stack.summary(second)
+    assert "0 computed, 12 cached, 0 failed, 0 SKB forward passes" in summary
+    assert "Training**: skipped" in summary and "Evaluation** (skipped" in summary
+    with catalog.session() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(TrainingRun)) == 1
+    assert len(client.search_model_versions("name = 'tiny-model'")) == 1
+
+    # A different configuration, stopped after its step-2 checkpoint, then rerun: it resumes.
+    longer = tiny_params(data, name="e2e", training={"overrides": {"train.seed": 5}, "stop_after_step": 2})
+    stopped = stack.run_deployment(longer)
+    assert stack.wait(stopped) == "FAILED"
+    with catalog.session() as session:
+        statuses = sorted(r.status for r in session.scalars(sa.select(TrainingRun)))
+    assert statuses == ["failed", "finished"]
+    longer["training"].pop("stop_after_step")
+    resumed = stack.run_deployment(longer)
+    assert stack.wait(resumed) == "COMPLETED"
+    assert "Training**: resumed, 4 steps" in stack.summary(resumed)
+    with catalog.session() as session:
+        statuses = sorted(r.status for r in session.scalars(sa.select(TrainingRun)))
+    assert statuses == ["finished", "finished"]
+    assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "2"
