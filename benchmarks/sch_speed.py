@@ -3,10 +3,11 @@
 Times forward + backward on the DRBN-SKF training batch (4×3×256×256, 59 classes) and reports the
 speed-up and the peak memory of each implementation (each runs in its own child process so peaks are
 separate: CUDA ``max_memory_allocated`` on GPU, peak RSS above the post-setup baseline on CPU). On a
-shared CPU the process CPU time is the fairer comparison; wall time is printed as well. On a
-shared CPU the process CPU time is the fairer comparison; wall time is printed as well.
+shared CPU the process CPU time is the fairer comparison; wall time is printed as well. The losses must
+agree to 1e-5 relative (exit status 1 otherwise).
 
-    python benchmarks/sch_speed.py                 # CPU, 1 thread
+    python benchmarks/sch_speed.py                 # CPU, 2 threads, jemalloc
+    python benchmarks/sch_speed.py --malloc glibc --json sch.json
     python benchmarks/sch_speed.py --device cuda
 """
 
@@ -18,11 +19,14 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from runtime import MALLOCS, describe, reexec_with  # noqa: E402
 
-from models.sch import sch_loss
+from models.sch import sch_loss  # noqa: E402
 
 
 def loop_reference(pred, target, labels, num_classes: int, bins: int = 256, sharpness: float = 400.0):
@@ -109,11 +113,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--classes", type=int, default=59)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--reference-repeats", type=int, default=1)
+    ap.add_argument("--malloc", choices=MALLOCS, default="jemalloc")
+    ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--only", choices=["vectorised", "reference"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cpu":
+        reexec_with(args.malloc, args.threads)
 
     if args.only:
         print(json.dumps(run_one(args.only, args)))
@@ -127,17 +135,22 @@ def main() -> None:
 
     vec, ref = results["vectorised"], results["reference"]
     shape = f"{args.batch}x3x{args.size}x{args.size}, {args.classes} classes"
-    print(f"SCH forward+backward on {shape}, device={args.device}, threads={args.threads}")
+    setting = describe(args.malloc) if args.device == "cpu" else args.device
+    print(f"SCH forward+backward on {shape}, device={args.device}, threads={args.threads}, {setting}")
     for r in (vec, ref):
         print(
             f"  {r['impl']:<10}  wall {r['seconds'] * 1e3:8.1f} ms  process CPU {r['cpu_seconds'] * 1e3:8.1f} ms"
             f"  peak {r['peak_mb']:7.1f} MiB  loss {r['loss']:.8g}"
         )
-    print(
-        f"  speed-up   {ref['seconds'] / vec['seconds']:.1f}x wall, "
-        f"{ref['cpu_seconds'] / vec['cpu_seconds']:.1f}x process CPU time (fairer on a shared machine)"
-    )
-    print(f"  loss relative difference {abs(vec['loss'] - ref['loss']) / abs(ref['loss']):.2e}")
+    speedup_wall, speedup_cpu = ref["seconds"] / vec["seconds"], ref["cpu_seconds"] / vec["cpu_seconds"]
+    rel = abs(vec["loss"] - ref["loss"]) / abs(ref["loss"])
+    print(f"  speed-up   {speedup_wall:.1f}x wall, {speedup_cpu:.1f}x process CPU time")
+    print(f"  loss relative difference {rel:.2e} (must be <= 1e-5)")
+    if args.json:
+        summary = {"speedup_wall": speedup_wall, "speedup_cpu": speedup_cpu, "relative_difference": rel}
+        args.json.write_text(json.dumps({**results, **summary, "setting": setting}, indent=2))
+    if rel > 1e-5:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ official-compatibility switch (skf-method.md §3, §4, §8).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -138,6 +140,19 @@ class SADiscriminatorLoss:
         return self.regions.gather(1, self.real_region[:, None]).squeeze(1)
 
 
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """Build the graph with ``module``'s trainable parameters treated as constants, then restore them."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _sq_err(score: Tensor, label: float) -> Tensor:
     """Per-image squared error of D's (B, 1) probability to a constant label, in fp32."""
     return (score.float().squeeze(1) - label).square()
@@ -251,7 +266,11 @@ class SemanticAdversarialLoss(nn.Module):
     def generator_loss(self, fake: Tensor, probs: Tensor) -> Tensor:
         """``weight * MSE(D([fake; probs]), 1)``: global, 62-ch input; gradients reach ``fake`` and ``probs``."""
         self._check(fake, probs, "fake")
-        score = self.discriminator(torch.cat([fake, probs.to(fake.dtype)], dim=1))
+        # The raw D with frozen weights: the G backward needs D's input gradients only, so no weight
+        # gradients are computed (a third of D's backward) and a DDP wrapper does not all-reduce them.
+        d = getattr(self.discriminator, "module", self.discriminator)
+        with _frozen(d):
+            score = d(torch.cat([fake, probs.to(fake.dtype)], dim=1))
         return self.weight * F.mse_loss(score.float(), torch.ones_like(score, dtype=torch.float32))
 
     def extra_repr(self) -> str:

@@ -1,12 +1,36 @@
 """MLflow "models from code" entry point of the SKF enhancer pyfunc.
 
 :func:`components.model_registry.log_enhancer` logs this file as the model's code; MLflow executes it
-when the model is loaded (``mlflow.pyfunc.load_model``). It only names the wrapper class, so nothing
-is pickled; the weights come from the model's safetensors artifacts. Do not import it elsewhere.
+when the model is loaded (``mlflow.pyfunc.load_model``). Nothing is pickled: the wrapper below is
+rebuilt from this code and the weights come from the model's safetensors artifacts. Keeping the class
+here (not in ``components.serving``) keeps MLflow's pyfunc machinery out of every CLI start-up.
 """
 
-import mlflow
+from typing import Any
 
-from components.serving import EnhancerPyfunc
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+from components.inference import load_enhancer_files
+from components.serving import ARTIFACT_NET, ARTIFACT_SKB, ARTIFACT_SPEC, default_device, enhance_batch
+
+
+class EnhancerPyfunc(PythonModel):
+    """MLflow pyfunc around :class:`~components.inference.Enhancer`.
+
+    ``predict`` takes the (N, H, W, 3) float32 [0, 1] batch of the model signature.
+    """
+
+    def load_context(self, context: Any) -> None:
+        arts = context.artifacts
+        self.enhancer = load_enhancer_files(
+            arts[ARTIFACT_SPEC], arts[ARTIFACT_NET], arts.get(ARTIFACT_SKB), device=default_device()
+        ).eval()
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 - the signature is logged explicitly
+        batch = np.asarray(model_input, dtype=np.float32)
+        return enhance_batch(self.enhancer, batch)
+
 
 mlflow.models.set_model(EnhancerPyfunc())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -138,32 +137,6 @@ def enhance_arrays(
             for i, enhanced in zip(chunk, out, strict=True):
                 results[i] = _from_rgb_float(enhanced, np.asarray(images[i]), prepared[i][1])
     return [r for r in results if r is not None]
-
-
-# --------------------------------------------------------------------------------------------------
-# MLflow pyfunc
-# --------------------------------------------------------------------------------------------------
-try:
-    from mlflow.pyfunc import PythonModel
-except ImportError:  # pragma: no cover - mlflow is a hard dependency of the pipeline
-    PythonModel = object  # type: ignore[assignment,misc]
-
-
-class EnhancerPyfunc(PythonModel):  # type: ignore[misc,valid-type]
-    """MLflow pyfunc around :class:`Enhancer`; logged from code, so no Python object is pickled.
-
-    ``predict`` takes the (N, H, W, 3) float32 [0, 1] batch of the model signature.
-    """
-
-    def load_context(self, context: Any) -> None:
-        arts = context.artifacts
-        self.enhancer = load_enhancer_files(
-            arts[ARTIFACT_SPEC], arts[ARTIFACT_NET], arts.get(ARTIFACT_SKB), device=default_device()
-        ).eval()
-
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads type hints as a schema
-        batch = np.asarray(model_input, dtype=np.float32)
-        return enhance_batch(self.enhancer, batch)
 
 
 # --------------------------------------------------------------------------------------------------

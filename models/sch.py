@@ -9,7 +9,9 @@ per pixel. Here each value only evaluates the sigmoid at the ``2*window + 2`` bi
 bin (beyond ±10 bins the kernel mass at beta=400 is < 2.2e-7 per pixel), and ``index_add_`` (one index
 per value, over fixed-size tiles) scatters them into per-(image, class, channel) rows (see
 :class:`_WindowedSoftHistogram`). The backward pass is analytic and recomputes the sigmoids, so
-autograd keeps only O(N*C*H*W) tensors and nothing of size O(N*C*H*W*B) is ever materialised.
+autograd keeps only O(N*C*H*W) tensors and nothing of size O(N*C*H*W*B) is ever materialised. In
+:func:`sch_loss` prediction and target share one scatter and one fold, and only the prediction's values
+are differentiated (the target is a constant), which halves the backward pass.
 """
 
 from __future__ import annotations
@@ -100,37 +102,57 @@ class _WindowedSoftHistogram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, row: Tensor, rows: int, bins: int, sharpness: float, window: int) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        ref: Tensor | None,
+        row: Tensor,
+        rows: int,
+        bins: int,
+        sharpness: float,
+        window: int,
+    ) -> Tensor:
+        """Histograms of ``x`` (rows 0..rows-1) and, if given, of ``ref`` (rows rows..2*rows-1, same
+        ``row`` index per value). Only ``x`` gets a gradient, so the backward pass touches half the values
+        when SCH compares a prediction with a fixed target."""
         lay = _Layout(bins, window)
+        n_x = x.numel()
+        values = x if ref is None else torch.cat([x, ref])
+        total_rows = rows if ref is None else 2 * rows
         # Bin of each value; far-away values are clamped so that their window lies in the padding.
-        centre = torch.floor(x * bins).nan_to_num_(nan=-(window + 1.0)).clamp_(-window - 1, bins + window)
-        key = row * lay.slots + (centre.long() + lay.first_slot)  # (row, slot of the window's first edge)
-        acc = x.new_zeros(rows * lay.slots, lay.width)
-        for sl in _tiles(x):
-            acc.index_add_(0, key[sl], _tail_sigmoids(x[sl], centre[sl], bins, sharpness, window))
-        acc = acc.view(rows, lay.slots, lay.width)
+        centre = (
+            torch.floor(values * bins).nan_to_num_(nan=-(window + 1.0)).clamp_(-window - 1, bins + window)
+        )
+        slot = centre.to(torch.int64).add_(lay.first_slot)  # slot of the window's first edge
+        key = row * lay.slots + slot[:n_x]
+        if ref is not None:
+            key = torch.cat([key, (row + rows) * lay.slots + slot[n_x:]])
+        acc = values.new_zeros(total_rows * lay.slots, lay.width)
+        for sl in _tiles(values):
+            acc.index_add_(0, key[sl], _tail_sigmoids(values[sl], centre[sl], bins, sharpness, window))
+        acc = acc.view(total_rows, lay.slots, lay.width)
         acc[..., window + 1 :].neg_()  # edges at or left of the value's own bin enter F with a minus
         # F over padded edges: edge j collects column q of slot j + q (see _tail_sigmoids); a strided view.
         edges = acc.as_strided(
-            (rows, lay.edges, lay.width), (lay.slots * lay.width, lay.width, lay.width + 1)
+            (total_rows, lay.edges, lay.width), (lay.slots * lay.width, lay.width, lay.width + 1)
         )
         soft = edges.sum(dim=2)
         # Hard counts per bin: the value of bin c sits in slot c + first_slot.
-        counts = torch.bincount(key, minlength=rows * lay.slots).view(rows, lay.slots).to(x.dtype)
+        counts = torch.bincount(key, minlength=total_rows * lay.slots).view(total_rows, lay.slots)
         b0, s0 = lay.bin0, lay.first_slot
-        hist = counts[:, s0 : s0 + bins] + soft[:, b0 : b0 + bins]
-        ctx.save_for_backward(x, centre, key)
-        ctx.config = (lay, bins, sharpness, window)
-        return hist - soft[:, b0 + 1 : b0 + bins + 1]
+        hist = counts[:, s0 : s0 + bins].to(values.dtype) + soft[:, b0 : b0 + bins]
+        ctx.save_for_backward(x, centre[:n_x], key[:n_x])
+        ctx.config = (lay, bins, sharpness, window, rows)
+        return hist.sub_(soft[:, b0 + 1 : b0 + bins + 1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x, centre, key = ctx.saved_tensors
-        lay, bins, sharpness, window = ctx.config
+        lay, bins, sharpness, window, rows = ctx.config
         # dL/dF_j = g_j - g_{j-1} over padded edges j, stored shifted by width - 1 so that the window of
         # slot s (edges s - width + 1 .. s) starts at s; each value reads its slot's edges, descending.
-        g = F.pad(grad, (lay.bin0 + lay.width, lay.slots - lay.bin0 - bins))
+        g = F.pad(grad[:rows], (lay.bin0 + lay.width, lay.slots - lay.bin0 - bins))
         g_edges = g[:, 1:] - g[:, :-1]  # (rows, slots + width - 1)
         g_windows = g_edges.unfold(1, lay.width, 1).flip(-1).reshape(-1, lay.width)  # one row per key
         grad_x = torch.empty_like(x)
@@ -139,7 +161,7 @@ class _WindowedSoftHistogram(torch.autograd.Function):
             # d tail-term / dx = beta * t * (1 - t) for both signs.
             g_sel = g_windows.index_select(0, key[sl])
             grad_x[sl] = torch.ops.aten.sigmoid_backward(g_sel, tails).sum(dim=1).mul_(sharpness)
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -176,16 +198,27 @@ class _Layout:
 
 
 def _histograms(
-    images: Tensor, labels: Tensor, num_classes: int, bins: int, sharpness: float, window: int
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    bins: int,
+    sharpness: float,
+    window: int,
+    reference: Tensor | None = None,
 ) -> Tensor:
+    """(N, K, C, bins) histograms of ``images``; with ``reference`` (same shape and labels, no gradient)
+    (2N, K, C, bins), the reference's in the second half."""
     n, c, h, w = images.shape
     dev = images.device
+    dtype = torch.promote_types(images.dtype, torch.float32)  # fp64 stays fp64
     with torch.autocast(device_type=dev.type, enabled=False):
-        x = images.to(torch.promote_types(images.dtype, torch.float32)).reshape(-1)  # fp64 stays fp64
+        x = images.to(dtype).reshape(-1)
+        ref = None if reference is None else reference.detach().to(dtype).reshape(-1)
         row = (torch.arange(n, device=dev).view(n, 1, 1) * num_classes + labels.reshape(n, 1, h * w)) * c
         row = (row + torch.arange(c, device=dev).view(1, c, 1)).reshape(-1)
-        hist = _WindowedSoftHistogram.apply(x, row, n * num_classes * c, bins, float(sharpness), window)
-        return hist.view(n, num_classes, c, bins)
+        rows = n * num_classes * c
+        hist = _WindowedSoftHistogram.apply(x, ref, row, rows, bins, float(sharpness), window)
+        return hist.view(-1, num_classes, c, bins)
 
 
 def sch_loss(
@@ -201,7 +234,7 @@ def sch_loss(
     """Bin-averaged L1 between per-class histograms of ``pred`` and ``target``, summed and normalised.
 
     ``normalizer="nhw"`` divides by N*H*W (SNR, LLFlow); ``"nchw3"`` by N*num_classes*H*W*C (DRBN).
-    Always returns an fp32 scalar, also under autocast.
+    Always returns an fp32 scalar, also under autocast. ``target`` is a constant: no gradient reaches it.
     """
     if pred.shape != target.shape:
         raise ValueError(f"SCH pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
@@ -210,9 +243,10 @@ def sch_loss(
     _check_inputs(pred, labels, num_classes)
     n, c, h, w = pred.shape
     with torch.autocast(device_type=pred.device.type, enabled=False):
-        # One scatter for both images: stack them along the batch and reuse the class map.
-        both = torch.cat([pred.float(), target.float()])
-        hist = _histograms(both, torch.cat([labels, labels]), num_classes, bins, sharpness, window)
+        # One scatter for both images (same class map); only pred's values are differentiated.
+        hist = _histograms(
+            pred.float(), labels, num_classes, bins, sharpness, window, reference=target.float()
+        )
         diff = hist[:n] - hist[n:]
         z = n * h * w if normalizer == "nhw" else n * num_classes * h * w * c
         return diff.abs().mean(dim=-1).sum() / z

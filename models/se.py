@@ -192,7 +192,8 @@ class SemanticEmbedding(nn.Module):
             )
 
     def _embed(self, x: Tensor, sem: Tensor) -> Tensor:
-        sem = F.interpolate(sem, size=x.shape[-2:], mode="nearest")
+        if sem.shape[-2:] != x.shape[-2:]:  # hosts usually pass priors already aligned (fit_prior)
+            sem = F.interpolate(sem, size=x.shape[-2:], mode="nearest")
         sem = self.norm1(self.conv1(sem))
         x = self.norm1(x)
         x = x + self.attn(x, sem)

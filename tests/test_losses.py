@@ -325,3 +325,13 @@ def test_sa_rejects_mismatched_probabilities():
         sa.discriminator_loss(fake, real, probs[..., :16])
     with pytest.raises(ValueError, match="B×59×H×W"):
         sa.generator_loss(fake, probs[:, :10])
+
+
+def test_sa_generator_backward_skips_discriminator_weight_gradients():
+    sa = SemanticAdversarialLoss()
+    fake, _, probs, _ = sa_inputs()
+    fake.requires_grad_(True)
+    sa.generator_loss(fake, probs).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    assert all(p.grad is None for p in sa.parameters())  # D's weights were constants for G
+    assert all(p.requires_grad for p in sa.parameters())  # ... and are trainable again for the D step

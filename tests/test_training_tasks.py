@@ -215,3 +215,17 @@ def test_recipe_maps_onto_engine_and_schedule() -> None:
     assert [f(0), f(3), f(49_999), f(50_000), f(100_000)] == [0.25, 1.0, 1.0, 0.5, 0.25]
     step = lr_factor(load_recipe("drbn").scheduler)
     assert (step(72_799), step(72_800)) == (1.0, 0.5)
+
+
+def test_drbn_skf_cached_mode_runs_no_skb_and_uses_the_batch_priors(tmp_path: Path) -> None:
+    recipe = load_recipe("drbn-skf", {**SMALL_DRBN, **RUN, "skf": {"skb_mode": "cached", "skb_input": "lq"}})
+    task = build_task(None, recipe, None)  # cached: no SKB needed, none may run
+    net0, disc0 = copy.deepcopy(task.net), copy.deepcopy(task.modules()["disc"])
+    logger = InMemoryLogger()
+    Trainer(task, _cfg(), run_dir=tmp_path, logger=logger).fit(Pairs(4, skb=FakeSKB()))
+    assert {"train/d_loss", "train/sch", "train/adv", "train/g_loss"} <= set(logger.metrics[-1][1])
+    assert logger.history("train/sch")[-1][1] > 0
+    assert _changed(net0.recur4.fuseblk_3, task.net.recur4.fuseblk_3)
+    assert _changed(disc0, task.modules()["disc"])
+    with pytest.raises(SKFTaskError, match="priors_loader"):
+        Trainer(task, _cfg(), run_dir=tmp_path / "no-priors").fit(Pairs(4))

@@ -6,7 +6,8 @@ recipe (skf-method.md §5.1) with the clean-implementation choices of §4.4 and 
 
 * DRBN-SKF: recurrences 1–3 → SKB on their output r₃ *with gradients to the input* (weights frozen) →
   recurrence 4 with SE(F1, F0, Z) → SKB on ŷ₁ → D step (SA, persistent D, detached ŷ₁) → G step on
-  −ΣSSIM + SCH + 0.1·adv.
+  −ΣSSIM + SCH + 0.1·adv. With ``skb_mode: cached`` (``skb_input: lq``) no HRNet runs in the step: the
+  crop's cached priors feed SE, SCH and SA (a fast approximation; the released code cannot cache).
 * SNR-SKF: priors of the low-light crop from the prior cache (batch key ``priors``), or the SKB run
   online on ``lq``/``gt`` per recipe; Charbonnier-sum + 10⁴·SCH on every 50th step.
 
@@ -239,22 +240,29 @@ class DRBNTask(_BaseTask):
             lrs["disc"] = (self._disc, self.recipe.optimizer.lr * self.skf.sa.d_lr_ratio)
         return lrs
 
-    def _sem_source(self, batch: Mapping[str, Any]) -> Callable[[Tensor], Any] | Any | None:
+    def _sem_source(
+        self, batch: Mapping[str, Any], cached: Priors | None
+    ) -> Callable[[Tensor], Any] | Any | None:
         if not self.skf.se:
             return None
         if self.skf.skb_input == "intermediate":  # segment r₃ with gradients to it (weights frozen)
             return lambda r3: _drbn_sem(self._run_skb(r3, grad=True), r3.shape[-2:])
-        return _drbn_sem(self.fixed_priors(batch), batch["low"].shape[-2:])
+        return _drbn_sem(cached if cached is not None else self.fixed_priors(batch), batch["low"].shape[-2:])
 
     def train_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
         low, high = batch["low"], batch["high"]
         size = high.shape[-2:]
+        # Cached mode runs no HRNet at all: the crop's cached priors feed SE and stand in for HRNet(ŷ₁)
+        # in SCH (labels) and SA (masks, 62-ch input); the released code segments ŷ₁ online instead.
+        cached = self._batch_priors(batch) if self.skf.skb_mode == "cached" and self.skf.enabled else None
         with ctx.autocast():
-            outputs = ctx.modules["net"](low, sem=self._sem_source(batch))
+            outputs = ctx.modules["net"](low, sem=self._sem_source(batch, cached))
         fake = outputs[0].float()
         metrics: dict[str, Tensor] = {}
         need_out_priors = self.sch is not None or self.sa is not None
-        out_priors = self._run_skb(fake, grad=True) if need_out_priors else None
+        out_priors = cached
+        if need_out_priors and cached is None:
+            out_priors = self._run_skb(fake, grad=True)
 
         if self.sa is not None:
             assert out_priors is not None
@@ -262,7 +270,7 @@ class DRBNTask(_BaseTask):
                 self.sa.discriminator = ctx.modules["disc"]
             probs = out_priors.probabilities(size)
             real_probs = None
-            if not self.sa.official_compat:
+            if not self.sa.official_compat and cached is None:
                 real_probs = self._run_skb(high, grad=False).probabilities(size)
             d_out = self.sa.discriminator_loss(fake, high, probs, real_probs)
             # Official-compat D loss is not detached from G, so keep that graph for the G backward.
@@ -362,10 +370,8 @@ _TASKS: dict[str, type[_BaseTask]] = {"baseline/drbn": DRBNTask, "baseline/snr-n
 
 
 def _needs_skb(recipe: Recipe) -> bool:
-    skf = recipe.skf
-    online = skf.enabled and skf.skb_mode == "online"
-    drbn_output_priors = recipe.baseline.startswith("baseline/drbn") and skf.sch.enabled
-    return online or drbn_output_priors or skf.sa.enabled
+    """Online mode runs the SKB in the step (DRBN: on r₃ and ŷ₁); cached mode reads priors only."""
+    return recipe.skf.enabled and recipe.skf.skb_mode == "online"
 
 
 def build_task(

@@ -1,0 +1,443 @@
+"""Benchmark: cost of SKF on one real training step (forward, backward, optimiser) on CPU.
+
+For DRBN (batch 4, 256x256 crops) and SNR-Net (batch 16, 128x128), at the recipe batch and crop, the
+step of :class:`~components.training.tasks.DRBNTask` / ``SNRTask`` is timed through the engine's
+:class:`~components.training.engine.StepContext` for
+
+* ``a``  plain baseline (recipes ``drbn``, ``snr-net``);
+* ``b``  baseline + SKF with cached priors (random fp16 maps shaped like the prior cache's crop output;
+  no HRNet runs; SNR's SCH is applied on every timed step, i.e. its every-50th-step worst case);
+* ``b-nosa`` (DRBN only) ``b`` without SA: the SE + SCH part of the DRBN-SKF step;
+* ``c``  baseline + SKF with the HRNet-W48 SKB online (random init; DRBN: on r3 and on the output, as
+  released; SNR: on the low-light crop).
+
+Variants are interleaved round by round (a, b, ..., a, b, ...) in one process so load drift hits both
+sides of a ratio. Each round also times the SE blocks, the SCH loss and the SA losses of ``b`` in
+isolation (forward + backward, SA incl. the D optimiser step) for the component shares. With
+``--memory`` every variant is re-run in a fresh child process for its peak RSS (``VmHWM``).
+
+    python benchmarks/train_step.py --threads 2 --malloc jemalloc --memory \\
+        --json bench.json --markdown bench.md
+    python benchmarks/train_step.py --models snr-net --variants a,b --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runtime import MALLOCS, describe, reexec_with  # noqa: E402
+
+MODELS = {"drbn": (4, 256), "snr-net": (16, 128)}  # recipe batch, crop
+VARIANTS = {"drbn": ("a", "b", "b-nosa", "c"), "snr-net": ("a", "b", "c")}
+LABELS = {
+    "a": "plain baseline",
+    "b": "+SKF, cached priors",
+    "b-nosa": "+SE+SCH, cached priors (no SA)",
+    "c": "+SKF, W48 SKB online",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the real tasks
+# ---------------------------------------------------------------------------------------------------
+def recipe_for(model: str, variant: str) -> Any:
+    from components.recipes import load_recipe
+
+    if variant == "a":
+        return load_recipe(model)
+    over: dict[str, Any] = {}
+    if model == "snr-net":
+        over = {"skf": {"sch": {"every": 1}}}  # time the steps that carry SCH
+        if variant == "c":
+            over["skf"].update({"skb_mode": "online", "skb_input": "lq"})
+    elif variant in ("b", "b-nosa"):
+        over = {"skf": {"skb_mode": "cached", "skb_input": "lq"}}
+        if variant == "b-nosa":
+            over["skf"]["sa"] = {"enabled": False}
+    return load_recipe(f"{model}-skf", over)
+
+
+def make_batch(model: str, variant: str, seed: int = 0) -> dict[str, Any]:
+    import torch
+
+    n, s = MODELS[model]
+    g = torch.Generator().manual_seed(seed)
+    batch: dict[str, Any] = {
+        "low": torch.rand(n, 3, s, s, generator=g) * 0.3,
+        "high": torch.rand(n, 3, s, s, generator=g),
+    }
+    if variant in ("b", "b-nosa"):  # what PriorsLoader delivers for a crop: fp16 maps at 1/4, 1/8, 1/16
+        shapes = {"f0": (48, 4), "f1": (96, 8), "f2": (192, 16), "logits": (59, 4)}
+        batch["priors"] = {
+            k: (torch.randn(n, c, s // st, s // st, generator=g) * (3.0 if k == "logits" else 1.0)).half()
+            for k, (c, st) in shapes.items()
+        }
+    return batch
+
+
+class Runner:
+    """One variant: the task, its StepContext and a fixed random batch."""
+
+    def __init__(self, model: str, variant: str, skb: Any) -> None:
+        import torch
+
+        from components.training.engine import StepContext
+        from components.training.tasks import build_task
+
+        torch.manual_seed(0)
+        self.model, self.variant = model, variant
+        self.recipe = recipe_for(model, variant)
+        self.task = build_task(None, self.recipe, skb if variant == "c" else None)
+        modules = self.task.modules()
+        for m in modules.values():
+            m.train()
+        self.schedulers = self.task.schedulers()
+        self.ctx = StepContext(
+            device=torch.device("cpu"),
+            modules=modules,
+            optimizers=self.task.optimizers(),
+            scaler=torch.amp.GradScaler("cpu", enabled=False),
+            amp_enabled=False,
+            amp_dtype=torch.bfloat16,
+            grad_clip=self.recipe.train.grad_clip,
+        )
+        self.batch = make_batch(model, variant)
+        self.step_no = 0
+
+    def step(self) -> dict[str, float]:
+        self.step_no += 1
+        self.ctx.step = self.step_no
+        metrics = self.task.train_step(self.batch, self.step_no, self.ctx)
+        for s in self.schedulers.values():
+            s.step()
+        return {k: float(v) for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# SE / SCH / SA of variant b in isolation
+# ---------------------------------------------------------------------------------------------------
+def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
+    """Forward + backward of each SKF part of ``runner``'s step, on the step's own shapes and modules."""
+    import torch
+
+    from components.skb import Priors
+
+    task, batch = runner.task, runner.batch
+    priors = Priors(**{k: v.float() for k, v in batch["priors"].items()})
+    high = batch["high"]
+    n, _, h, w = high.shape
+    g = torch.Generator().manual_seed(1)
+    net = task.net
+    if runner.model == "drbn":
+        blocks = [net.recur4.fuseblk_1, net.recur4.fuseblk_2, net.recur4.fuseblk_3]
+        hosts = [(32, 4), (16, 2), (16, 1)]
+    else:
+        blocks = [net.att_block_3, net.att_block_2, net.att_block_1]
+        hosts = [(64, 4), (64, 2), (64, 1)]
+    xs = [torch.randn(n, c, h // k, w // k, generator=g) for c, k in hosts]
+
+    def se() -> None:
+        if runner.model == "drbn":  # DRBN's SE inputs (F1, F0, full-res logits Z), as _drbn_sem builds them
+            sems = [priors.f1, priors.f0, priors.full_logits((h, w))]
+        else:
+            sems = [priors.f2, priors.f1, priors.f0]
+        total = 0.0
+        for block, x, sem in zip(blocks, xs, sems, strict=True):
+            total = total + block(x.requires_grad_(True), sem).square().mean()
+        total.backward()
+
+    fake0 = torch.rand(n, 3, h, w, generator=g)
+
+    def sch() -> None:
+        fake = fake0.clone().requires_grad_(True)
+        task.sch(fake, high, priors.labels((h, w))).backward()
+
+    probes = {"SE": se, "SCH": sch}
+    sa = getattr(task, "sa", None)
+    if sa is not None:
+        opt_d = task.optimizers()["disc"]
+
+        def sa_step() -> None:
+            fake = fake0.clone().requires_grad_(True)
+            probs = priors.probabilities((h, w))
+            d_out = sa.discriminator_loss(fake, high, probs, None)
+            opt_d.zero_grad(set_to_none=True)
+            d_out.loss.backward()
+            opt_d.step()
+            sa.generator_loss(fake, probs).backward()
+
+        probes["SA"] = sa_step
+    return probes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------------
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def build_skb() -> Any:
+    import torch
+
+    from components.registry import create
+
+    skb = create("skb/hrnet-w48-pascal@1", device="cpu", seed=0)
+    skb.to(torch.device("cpu"))
+    return skb
+
+
+def measure(
+    model: str, variants: list[str], warmup: int, steps: int, shares: bool, online_steps: int
+) -> dict[str, Any]:
+    """Interleaved rounds over ``variants``; returns per-variant wall/CPU times and component times.
+
+    The online variant ``c`` (minutes per step on CPU) joins only the first ``warmup + online_steps``
+    rounds."""
+    skb = build_skb() if "c" in variants else None
+    runners = {v: Runner(model, v, skb) for v in variants}
+    probes = component_probes(runners["b"]) if shares and "b" in runners else {}
+    wall: dict[str, list[float]] = {k: [] for k in [*variants, *probes]}
+    cpu: dict[str, list[float]] = {k: [] for k in wall}
+    metrics: dict[str, dict[str, float]] = {}
+    for r in range(warmup + steps):
+        for v, runner in runners.items():
+            if v == "c" and r >= warmup + online_steps:
+                continue
+            out: dict[str, float] = {}
+            t, c = _timed(lambda runner=runner, out=out: out.update(runner.step()))
+            metrics[v] = out
+            if r >= warmup:
+                wall[v].append(t)
+                cpu[v].append(c)
+        for name, probe in probes.items():
+            t, c = _timed(probe)
+            if r >= warmup:
+                wall[name].append(t)
+                cpu[name].append(c)
+        print(
+            f"  [{model}] round {r + 1}/{warmup + steps}"
+            + ("" if r >= warmup else " (warm-up)")
+            + "  "
+            + "  ".join(f"{k} {wall[k][-1]:.2f}s" for k in wall if wall[k] and r >= warmup)
+            + f"  load {os.getloadavg()[0]:.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {"wall": wall, "cpu": cpu, "metrics": metrics}
+
+
+def _status_mib(field: str) -> float:
+    """``VmHWM``/``VmRSS`` of this process in MiB. Unlike ``ru_maxrss``, which Linux carries over from the
+    forking parent, the high-water mark belongs to the exec'd image alone."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child_peak(model: str, variant: str) -> dict[str, float]:
+    """In a fresh process: build ``variant``, run one step; setup RSS and peak RSS in MiB."""
+    skb = build_skb() if variant == "c" else None
+    runner = Runner(model, variant, skb)
+    setup = _status_mib("VmHWM")
+    runner.step()  # the first step allocates everything, Adam state included
+    peak = _status_mib("VmHWM")
+    return {"setup_mib": setup, "peak_mib": peak, "step_mib": peak - setup}
+
+
+def peaks(model: str, variants: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    out = {}
+    for v in variants:
+        cmd = [sys.executable, __file__, "--child", f"{model}:{v}", "--threads", str(args.threads)]
+        cmd += ["--malloc", args.malloc]
+        proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  [{model}] peak RSS {v}: {out[v]['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+def summarise(model: str, raw: dict[str, Any], mem: dict[str, Any]) -> dict[str, Any]:
+    wall, cpu = raw["wall"], raw["cpu"]
+    med = {k: statistics.median(v) for k, v in wall.items() if v}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items() if v}
+    rows = {}
+    for v in VARIANTS[model]:
+        if v not in med:
+            continue
+        row: dict[str, Any] = {
+            "wall_s": med[v],
+            "cpu_s": med_cpu[v],
+            "min_wall_s": min(wall[v]),
+            "wall_all_s": wall[v],
+            "cpu_all_s": cpu[v],
+        }
+        if "a" in med and v != "a":
+            row["ratio_wall"] = med[v] / med["a"]
+            row["ratio_cpu"] = med_cpu[v] / med_cpu["a"]
+            # least-disturbed step of each side: on a shared machine the fairest estimate
+            row["ratio_min_wall"] = min(wall[v]) / min(wall["a"])
+            # per-round ratios: both sides measured back to back
+            row["ratio_rounds"] = [x / y for x, y in zip(wall[v], wall["a"], strict=False)]
+        if v in mem:
+            row.update(mem[v])
+        rows[v] = row
+    parts = {
+        k: {"wall_s": med[k], "cpu_s": med_cpu[k], "min_wall_s": min(wall[k])}
+        for k in ("SE", "SCH", "SA")
+        if k in med
+    }
+    if "b" in med:
+        for p in parts.values():
+            p["share_of_b"] = p["wall_s"] / med["b"]
+            p["share_of_min_b"] = p["min_wall_s"] / min(wall["b"])
+            if "a" in med:
+                p["share_of_b_minus_a"] = p["wall_s"] / max(med["b"] - med["a"], 1e-9)
+    n, s = MODELS[model]
+    return {"batch": n, "crop": s, "variants": rows, "components_of_b": parts, "last_metrics": raw["metrics"]}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["env"]
+    lines = [
+        f"Date {env['date']}, commit {env['commit']}, {env['cpu']}, torch {env['torch']}, "
+        f"{env['threads']} threads, {env['malloc_desc']}; load average before/after "
+        f"{env['load_before']} / {env['load_after']}; {env['warmup']} warm-up + {env['steps']} timed "
+        f"rounds ({env['online_steps']} for variant c), variants interleaved.",
+        "",
+        "| model (batch x crop) | variant | median step (wall) | CPU time | x plain (wall) | x plain (CPU) "
+        "| fastest step | x plain (fastest) | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, res in report["models"].items():
+        for v, row in res["variants"].items():
+            ratio = f"{row['ratio_wall']:.2f}x" if "ratio_wall" in row else "1.00x"
+            ratio_cpu = f"{row['ratio_cpu']:.2f}x" if "ratio_cpu" in row else "1.00x"
+            ratio_min = f"{row['ratio_min_wall']:.2f}x" if "ratio_min_wall" in row else "1.00x"
+            peak = f"{row['peak_mib'] / 1024:.2f} GiB" if "peak_mib" in row else "-"
+            lines.append(
+                f"| {model} ({res['batch']}x{res['crop']}²) | {v}: {LABELS[v]} | {row['wall_s']:.2f} s "
+                f"| {row['cpu_s']:.2f} s | {ratio} | {ratio_cpu} | {row['min_wall_s']:.2f} s | {ratio_min} "
+                f"| {peak} |"
+            )
+    lines += [
+        "",
+        "| model | part of (b), isolated fwd+bwd | median (wall) | fastest | share of (b) (median / fastest) "
+        "| share of (b)-(a) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, res in report["models"].items():
+        for k, p in res["components_of_b"].items():
+            lines.append(
+                f"| {model} | {k} | {p['wall_s']:.2f} s | {p['min_wall_s']:.2f} s "
+                f"| {100 * p.get('share_of_b', 0):.0f}% / {100 * p.get('share_of_min_b', 0):.0f}% "
+                f"| {100 * p.get('share_of_b_minus_a', 0):.0f}% |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _env(args: argparse.Namespace) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        commit += "+uncommitted" if dirty else ""
+    except OSError:
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "cpu": f"{cpu} ({os.cpu_count()} logical CPUs)",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "malloc": args.malloc,
+        "malloc_desc": describe(args.malloc),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "online_steps": min(args.online_steps, args.steps),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="drbn,snr-net", help="comma list of drbn, snr-net")
+    ap.add_argument("--variants", default="a,b,b-nosa,c", help="comma list of a, b, b-nosa, c")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds per variant")
+    ap.add_argument("--online-steps", type=int, default=2, help="timed rounds of the slow variant c")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--malloc", choices=MALLOCS, default="jemalloc")
+    ap.add_argument("--no-shares", action="store_true", help="skip the SE/SCH/SA component timings")
+    ap.add_argument("--memory", action="store_true", help="peak RSS per variant in fresh processes")
+    ap.add_argument("--json", type=Path, help="write the full report here")
+    ap.add_argument("--markdown", type=Path, help="write the markdown tables here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    reexec_with(args.malloc, args.threads)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.child:
+        model, variant = args.child.split(":")
+        print(json.dumps(child_peak(model, variant)))
+        return
+
+    env = _env(args)
+    env["load_before"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    report: dict[str, Any] = {"env": env, "models": {}}
+    for model in args.models.split(","):
+        if model not in MODELS:
+            raise SystemExit(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+        variants = [v for v in args.variants.split(",") if v in VARIANTS[model]]
+        print(f"{model}: variants {variants}", file=sys.stderr, flush=True)
+        raw = measure(
+            model, variants, args.warmup, args.steps, not args.no_shares, min(args.online_steps, args.steps)
+        )
+        mem = peaks(model, variants, args) if args.memory else {}
+        report["models"][model] = summarise(model, raw, mem)
+    env["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    text = markdown(report)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        args.markdown.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
