@@ -121,7 +121,8 @@ class SADiscriminatorLoss:
 
     ``regions`` holds, per image, the classes whose probability maps masked the two local inputs
     (in official-compat mode both are the second-largest class). ``fake_region``/``real_region`` are the
-    chosen slot (0 or 1) per image: the region on which the discriminator errs most.
+    chosen slot (0 or 1) per image: the region on which the discriminator errs most (clean mode: scored
+    by the no-grad candidate pass, so the region losses carry no graph).
     """
 
     loss: Tensor
@@ -153,6 +154,33 @@ def _frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+@contextmanager
+def _batch_stats_only(module: nn.Module) -> Iterator[None]:
+    """Let ``module``'s BN layers normalise with batch statistics without updating their running stats."""
+    bns = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
+def _region_candidates(image: Tensor, masks: Tensor) -> Tensor:
+    """(B, 2, C, H, W): ``image`` masked by each of the two (B, 2, H, W) region maps."""
+    return image[:, None] * masks[:, :, None].to(image.dtype)
+
+
+def _pick(candidates: Tensor, slot: Tensor) -> Tensor:
+    """(B, C, H, W): per image, the candidate in ``slot`` (0 or 1)."""
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), slot]
+
+
 def _sq_err(score: Tensor, label: float) -> Tensor:
     """Per-image squared error of D's (B, 1) probability to a constant label, in fp32."""
     return (score.float().squeeze(1) - label).square()
@@ -164,9 +192,14 @@ class SemanticAdversarialLoss(nn.Module):
     The module's parameters are exactly the discriminator's, so ``torch.optim.Adam(sa.parameters())``
     is the D optimiser. Two modes:
 
-    * default (clean): masks are the soft maps of the two largest classes; the D step sees ``fake``
-      and ``probs`` detached; the global term averages the RGB and the image⊕probabilities (62-ch) inputs
-      so the path the generator is scored on is trained too; the hardest region is chosen per image.
+    * default (clean, skf-method.md §4.4 "D trained on both the 62-ch global input and the masked local
+      inputs"): masks are the soft maps of the two largest classes; the D step sees ``fake`` and ``probs``
+      detached. The global term uses only the image⊕probabilities (62-ch) input, the path the generator
+      is scored on (no extra RGB global pass). For the local term the four region candidates are scored
+      in a no-grad forward per domain (batch statistics, running stats untouched), the hardest region is
+      picked per image for fake and for real, and only the selected masked inputs get a forward+backward:
+      4 trained D passes + 2 cheap scoring passes instead of 8 trained ones. Fake and real keep separate
+      D calls so BN normalises per-domain batches, as in the G step.
     * ``official_compat=True``: the released DRBN-SKF behaviour: both masks are the second-largest class
       (aliased buffers), no 62-ch D training, no detach, and the region max is taken over batch means.
 
@@ -222,12 +255,10 @@ class SemanticAdversarialLoss(nn.Module):
         self._check(fake, probs, "fake")
         if real.shape != fake.shape:
             raise ValueError(f"SA real {tuple(real.shape)} and fake {tuple(fake.shape)} shapes differ")
+        if not self.official_compat:
+            return self._clean_discriminator_loss(fake.detach(), real, probs.detach(), real_probs)
         d = self.discriminator
-        regions = self.largest_regions(probs)
-        if self.official_compat:
-            regions = regions[:, 1:].expand(-1, 2)  # both mask buffers alias the second-largest class
-        else:
-            fake, probs = fake.detach(), probs.detach()
+        regions = self.largest_regions(probs)[:, 1:].expand(-1, 2)  # both mask buffers alias class 2
         masks = probs.gather(1, regions[:, :, None, None].expand(-1, -1, *probs.shape[-2:]))
         m1, m2 = masks[:, :1], masks[:, 1:]
 
@@ -235,23 +266,11 @@ class SemanticAdversarialLoss(nn.Module):
         fake_local = torch.stack([_sq_err(d(fake * m1), 0.0), _sq_err(d(fake * m2), 0.0)], dim=1)
         real_local = torch.stack([_sq_err(d(real * m1), 1.0), _sq_err(d(real * m2), 1.0)], dim=1)
 
-        if self.official_compat:
-            # MSE over the batch first, then the max over the two regions (ties -> region 2).
-            fake_slot = (fake_local.mean(0)[0] <= fake_local.mean(0)[1]).long().expand(fake.shape[0])
-            real_slot = (real_local.mean(0)[0] <= real_local.mean(0)[1]).long().expand(fake.shape[0])
-            glob = fake_global.mean() + real_global.mean()
-            local = fake_local.mean(0)[fake_slot[0]] + real_local.mean(0)[real_slot[0]]
-        else:
-            sem_real = real_probs.detach() if real_probs is not None else probs
-            self._check(real, sem_real, "real")
-            fake_sem = _sq_err(d(torch.cat([fake, probs], dim=1)), 0.0)
-            real_sem = _sq_err(d(torch.cat([real, sem_real], dim=1)), 1.0)
-            fake_slot = (fake_local[:, 0] <= fake_local[:, 1]).long()
-            real_slot = (real_local[:, 0] <= real_local[:, 1]).long()
-            glob = ((fake_global + fake_sem) / 2 + (real_global + real_sem) / 2).mean()
-            local = (
-                fake_local.gather(1, fake_slot[:, None]) + real_local.gather(1, real_slot[:, None])
-            ).mean()
+        # MSE over the batch first, then the max over the two regions (ties -> region 2).
+        fake_slot = (fake_local.mean(0)[0] <= fake_local.mean(0)[1]).long().expand(fake.shape[0])
+        real_slot = (real_local.mean(0)[0] <= real_local.mean(0)[1]).long().expand(fake.shape[0])
+        glob = fake_global.mean() + real_global.mean()
+        local = fake_local.mean(0)[fake_slot[0]] + real_local.mean(0)[real_slot[0]]
 
         loss = self.lam * glob / 2 + (1.0 - self.lam) * local / 2
         return SADiscriminatorLoss(
@@ -262,6 +281,52 @@ class SemanticAdversarialLoss(nn.Module):
             fake_region_losses=fake_local.detach(),
             real_region_losses=real_local.detach(),
         )
+
+    def _clean_discriminator_loss(
+        self, fake: Tensor, real: Tensor, probs: Tensor, real_probs: Tensor | None
+    ) -> SADiscriminatorLoss:
+        """Clean D loss: 62-ch global term + hardest-region local term, trained only on the selected region."""
+        d = self.discriminator
+        sem_real = real_probs.detach() if real_probs is not None else probs
+        self._check(real, sem_real, "real")
+        regions = self.largest_regions(probs)
+        masks = probs.gather(1, regions[:, :, None, None].expand(-1, -1, *probs.shape[-2:]))  # (B, 2, H, W)
+
+        # Score both region candidates without a graph; ties -> region 2, as the released if/else.
+        fake_cand, real_cand = _region_candidates(fake, masks), _region_candidates(real, masks)
+        fake_scores = self._score_candidates(fake_cand, 0.0)
+        real_scores = self._score_candidates(real_cand, 1.0)
+        fake_slot = (fake_scores[:, 0] <= fake_scores[:, 1]).long()
+        real_slot = (real_scores[:, 0] <= real_scores[:, 1]).long()
+
+        fake_sem = _sq_err(d(torch.cat([fake, probs], dim=1)), 0.0)
+        real_sem = _sq_err(d(torch.cat([real, sem_real], dim=1)), 1.0)
+        fake_local = _sq_err(d(_pick(fake_cand, fake_slot)), 0.0)
+        real_local = _sq_err(d(_pick(real_cand, real_slot)), 1.0)
+
+        glob = (fake_sem + real_sem).mean()
+        local = (fake_local + real_local).mean()
+        loss = self.lam * glob / 2 + (1.0 - self.lam) * local / 2
+        return SADiscriminatorLoss(
+            loss=loss,
+            regions=regions.contiguous(),
+            fake_region=fake_slot,
+            real_region=real_slot,
+            fake_region_losses=fake_scores,
+            real_region_losses=real_scores,
+        )
+
+    def _score_candidates(self, candidates: Tensor, label: float) -> Tensor:
+        """(B, 2) per-region squared errors from one no-grad pass over the B×2 candidates.
+
+        BN uses the candidates' batch statistics but its running stats are left untouched, so the D step
+        updates them only in its trained passes. The raw D is called (no DDP forward/buffer sync).
+        """
+        b = candidates.shape[0]
+        d = getattr(self.discriminator, "module", self.discriminator)
+        with torch.no_grad(), _batch_stats_only(d):
+            score = d(candidates.flatten(0, 1))
+        return _sq_err(score, label).view(b, 2)
 
     def generator_loss(self, fake: Tensor, probs: Tensor) -> Tensor:
         """``weight * MSE(D([fake; probs]), 1)``: global, 62-ch input; gradients reach ``fake`` and ``probs``."""

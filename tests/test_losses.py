@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,12 +285,62 @@ def test_sa_picks_the_region_the_discriminator_scores_worst():
     fake_local = torch.stack([d(fake * m[:, i : i + 1]).squeeze(1) ** 2 for i in range(2)], 1)
     real_local = torch.stack([(1 - d(real * m[:, i : i + 1]).squeeze(1)) ** 2 for i in range(2)], 1)
     torch.testing.assert_close(out.fake_region_losses, fake_local)
-    # Loss = lam * global / 2 + (1 - lam) * (max fake-local + max real-local) / 2, averaged over images.
-    glob = (d(fake) ** 2 + d(torch.cat([fake, probs], 1)) ** 2) / 2 + (
-        (1 - d(real)) ** 2 + (1 - d(torch.cat([real, probs], 1))) ** 2
-    ) / 2
+    torch.testing.assert_close(out.real_region_losses, real_local)
+    # Loss = lam * global / 2 + (1 - lam) * (max fake-local + max real-local) / 2, averaged over images;
+    # the global term is the 62-channel input only.
+    glob = d(torch.cat([fake, probs], 1)) ** 2 + (1 - d(torch.cat([real, probs], 1))) ** 2
     local = fake_local.amax(1) + real_local.amax(1)
     torch.testing.assert_close(out.loss, (0.9 * glob.mean() + 0.1 * local.mean()) / 2)
+
+
+def test_sa_clean_trains_d_only_on_the_62_channel_global_and_the_selected_regions():
+    sa = SemanticAdversarialLoss()
+    fake, real, probs, labels = sa_inputs()
+    bright = torch.stack([labels[0] == 3, labels[1] == 7]).unsqueeze(1).expand(-1, 3, -1, -1)
+    fake, real = torch.where(bright, 0.9, 0.1), torch.where(bright, 0.9, 0.05)
+    real_probs = probs.flip(0)
+    spy = ScoreByRegionMean()
+    sa.discriminator.forward = spy
+    out = sa.discriminator_loss(fake, real, probs, real_probs)
+    m = probs.gather(1, out.regions[:, :, None, None].expand(-1, -1, 32, 32))
+    # Two scoring passes over both candidates (fake, real), then the four trained passes: the 62-ch
+    # fake and real inputs and the per-image hardest region of fake and of real. No RGB global pass.
+    assert [tuple(x.shape[:2]) for x in spy.inputs] == [(4, 3), (4, 3), (2, 62), (2, 62), (2, 3), (2, 3)]
+    torch.testing.assert_close(spy.inputs[0], (fake[:, None] * m[:, :, None]).flatten(0, 1))
+    torch.testing.assert_close(spy.inputs[1], (real[:, None] * m[:, :, None]).flatten(0, 1))
+    torch.testing.assert_close(spy.inputs[2], torch.cat([fake, probs], 1))
+    torch.testing.assert_close(spy.inputs[3], torch.cat([real, real_probs], 1))
+    picked = [m[i, out.fake_region[i]] for i in range(2)], [m[i, out.real_region[i]] for i in range(2)]
+    torch.testing.assert_close(spy.inputs[4], fake * torch.stack(picked[0])[:, None])
+    torch.testing.assert_close(spy.inputs[5], real * torch.stack(picked[1])[:, None])
+    assert out.fake_region.tolist() == [1, 0] and out.real_region.tolist() == [0, 1]
+
+
+def test_sa_clean_d_step_updates_bn_running_stats_once_per_trained_pass():
+    torch.manual_seed(0)
+    sa = SemanticAdversarialLoss()
+    reference = copy.deepcopy(sa.discriminator)
+    fake, real, probs, _ = sa_inputs()
+    out = sa.discriminator_loss(fake, real, probs)
+    # The no-grad region scoring leaves no trace: the stats equal those of the four trained passes alone.
+    m = probs.gather(1, out.regions[:, :, None, None].expand(-1, -1, 32, 32))
+    rows = torch.arange(2)
+    for x in (
+        torch.cat([fake, probs], 1),
+        torch.cat([real, probs], 1),
+        fake * m[rows, out.fake_region][:, None],
+        real * m[rows, out.real_region][:, None],
+    ):
+        reference(x)
+    for (name, got), (_, want) in zip(
+        sa.discriminator.named_buffers(), reference.named_buffers(), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    assert sa.discriminator.bn2.num_batches_tracked.item() == 4
+    assert all(
+        bn.track_running_stats for bn in sa.discriminator.modules() if isinstance(bn, torch.nn.BatchNorm2d)
+    )
+    assert not out.fake_region_losses.requires_grad and not out.real_region_losses.requires_grad
 
 
 def test_official_compat_uses_second_largest_class_for_both_masks():
