@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -360,89 +360,35 @@ def build_skb(
     )
 
 
-@register("skb/hrnet-w48-pascal@1", description="Frozen HRNetV2-W48 PASCAL-Context (59 classes) segmenter")
-def hrnet_w48_pascal(
-    checkpoint: str | os.PathLike[str] | None = None,
-    expected_sha256: str | None = None,
-    bn_mode: BnMode = "eval",
-    input_transform: InputTransform = "linear",
-    pad_multiple: int = 32,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    amp: bool = True,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> SemanticKnowledgeBank:
-    """The SKF semantic knowledge bank (official checkpoint ``hrnet_w48_pascal_context_cls59_480x480.pth``)."""
-    return build_skb(
+# Registered SKBs: (spec, HRNet preset, description). Each builder takes build_skb's keyword arguments
+# (checkpoint, expected_sha256, bn_mode, input_transform, pad_multiple, seed, device, amp, cache_dir).
+_SKB_PRESETS: tuple[tuple[str, Callable[[int], HRNetConfig], str], ...] = (
+    (
         "skb/hrnet-w48-pascal@1",
-        hrnet_w48_config(59),
-        checkpoint=checkpoint,
-        expected_sha256=expected_sha256,
-        bn_mode=bn_mode,
-        input_transform=input_transform,
-        pad_multiple=pad_multiple,
-        seed=seed,
-        device=device,
-        amp=amp,
-        cache_dir=cache_dir,
-    )
-
-
-@register("skb/hrnet-w18-small-test@1", description="Small random-or-loaded HRNet-W18 SKB for fast tests")
-def hrnet_w18_small_test(
-    checkpoint: str | os.PathLike[str] | None = None,
-    expected_sha256: str | None = None,
-    bn_mode: BnMode = "eval",
-    input_transform: InputTransform = "linear",
-    pad_multiple: int = 32,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    amp: bool = True,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> SemanticKnowledgeBank:
-    """A small HRNet (widths 18/36/72/144, 59 classes) with the same interface, for CPU tests."""
-    return build_skb(
+        hrnet_w48_config,
+        "Frozen HRNetV2-W48 PASCAL-Context (59 classes) segmenter; official checkpoint "
+        "hrnet_w48_pascal_context_cls59_480x480.pth",
+    ),
+    (
         "skb/hrnet-w18-small-test@1",
-        hrnet_w18_small_config(59),
-        checkpoint=checkpoint,
-        expected_sha256=expected_sha256,
-        bn_mode=bn_mode,
-        input_transform=input_transform,
-        pad_multiple=pad_multiple,
-        seed=seed,
-        device=device,
-        amp=amp,
-        cache_dir=cache_dir,
-    )
-
-
-@register(
-    "skb/hrnet-w48-lite@1",
-    description="HRNet with W48 widths, 1 module/stage: SE-compatible priors for tests and the CPU demo",
-)
-def hrnet_w48_lite(
-    checkpoint: str | os.PathLike[str] | None = None,
-    expected_sha256: str | None = None,
-    bn_mode: BnMode = "eval",
-    input_transform: InputTransform = "linear",
-    pad_multiple: int = 32,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    amp: bool = True,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> SemanticKnowledgeBank:
-    """HRNet with the W48 widths (F0 48, F1 96, F2 192, 59 classes) but one module per stage and one block
-    per branch: SE-compatible priors at a fraction of W48's compute, for tests and the CPU demo."""
-    return build_skb(
+        hrnet_w18_small_config,
+        "Small random-or-loaded HRNet-W18 SKB (widths 18/36/72/144) for fast tests",
+    ),
+    (
         "skb/hrnet-w48-lite@1",
-        hrnet_w48_lite_config(59),
-        checkpoint=checkpoint,
-        expected_sha256=expected_sha256,
-        bn_mode=bn_mode,
-        input_transform=input_transform,
-        pad_multiple=pad_multiple,
-        seed=seed,
-        device=device,
-        amp=amp,
-        cache_dir=cache_dir,
-    )
+        hrnet_w48_lite_config,
+        "HRNet with W48 widths, 1 module/stage: SE-compatible priors for tests and the CPU demo",
+    ),
+)
+
+
+def _preset_builder(spec: str, preset: Callable[[int], HRNetConfig]) -> Callable[..., SemanticKnowledgeBank]:
+    def build(**kwargs: Any) -> SemanticKnowledgeBank:
+        return build_skb(spec, preset(59), **kwargs)
+
+    build.__qualname__ = build.__name__ = f"build_{spec.split('/')[1].split('@')[0].replace('-', '_')}"
+    return build
+
+
+for _spec, _preset, _description in _SKB_PRESETS:
+    register(_spec, description=_description)(_preset_builder(_spec, _preset))
