@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from components.data.layouts import LAYOUTS, LayoutError
 from components.data.sources import SourceError
+from flows.commands._progress import progress_bar
 
 if TYPE_CHECKING:
     from components.data.ingest import IngestResult
@@ -49,15 +49,9 @@ def register(app: typer.Typer) -> None:
         from components.data.ingest import IngestError, ingest
 
         console = Console()
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
         try:
-            with Progress(*columns, console=console, transient=True) as bar:
-                task_id = bar.add_task("ingesting", total=None)
+            with progress_bar(console) as bar:
+                task_id = bar.add_task("ingesting", total=None, info="")
 
                 def progress(done: int, total: int) -> None:
                     bar.update(task_id, completed=done, total=total)

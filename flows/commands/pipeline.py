@@ -15,18 +15,12 @@ from typing import Any
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from flows.commands._progress import progress_bar
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
-_COLUMNS = (
-    TextColumn("[bold]{task.description}"),
-    BarColumn(),
-    MofNCompleteColumn(),
-    TimeElapsedColumn(),
-    TextColumn("{task.fields[info]}"),
-)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -123,7 +117,7 @@ def train_command(
         )
     except (UnknownComponentError, RecipeError, ValueError) as exc:
         raise _error(console, exc) from exc
-    with Progress(*_COLUMNS, console=console, transient=True) as bar:
+    with progress_bar(console) as bar:
         task_id = bar.add_task("training", total=plan.recipe.train.iterations, info="")
 
         def progress(p: Any) -> None:
@@ -169,7 +163,7 @@ def evaluate_command(
     from flows.evaluate import ModelNotFoundError, run_evaluation
 
     console = Console()
-    with Progress(*_COLUMNS, console=console, transient=True) as bar:
+    with progress_bar(console) as bar:
         task_id = bar.add_task("enhancing", total=None, info="")
         try:
             result = run_evaluation(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from components.precompute import DEFAULT_SKB, DEFAULT_SPLITS
+from flows.commands._progress import progress_bar
 
 
 def register(app: typer.Typer) -> None:
@@ -31,15 +31,9 @@ def register(app: typer.Typer) -> None:
         from components.registry import UnknownComponentError
 
         console = Console()
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
         try:
-            with Progress(*columns, console=console, transient=True) as bar:
-                task_id = bar.add_task("priors", total=None)
+            with progress_bar(console) as bar:
+                task_id = bar.add_task("priors", total=None, info="")
 
                 def progress(done: int, total: int) -> None:
                     bar.update(task_id, completed=done, total=total)
