@@ -15,6 +15,9 @@ import pytest
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="skf-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
 os.environ.setdefault("TORCH_HOME", str(_SESSION_DIR / "torch"))
+# A session-private MLflow store for any test that does not choose one (MLflow's own default would be a
+# ./mlflow.db in the checkout).
+os.environ.setdefault("MLFLOW_TRACKING_URI", (_SESSION_DIR / "mlruns").as_uri())
 os.environ.update(
     {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

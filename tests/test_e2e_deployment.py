@@ -160,8 +160,9 @@ def test_demo_deployment_runs_skips_and_resumes(
     assert stack.wait(first) == "COMPLETED", (stack.logs / "worker.log").read_text()[-5000:]
 
     monkeypatch.setenv("SKF_HOME", stack.env["SKF_HOME"])  # read what the worker wrote
-    for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "MLFLOW_TRACKING_URI", "SKF_WEIGHTS_URI"):
+    for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "SKF_WEIGHTS_URI"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (Path(stack.env["SKF_HOME"]).resolve() / "mlruns").as_uri())
     from components.catalog import PriorCacheEntry, TrainingRun, open_catalog
     from components.data.ingest import list_versions
     from components.settings import get_settings
