@@ -52,6 +52,17 @@ def skf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@pytest.fixture()
+def weights_dirs(skf_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """An empty torch cache (``TORCH_HOME``) and weights folder (``SKF_WEIGHTS_URI``), read at call time."""
+    torch_home = tmp_path / "torch"
+    store = tmp_path / "weights"
+    store.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("SKF_WEIGHTS_URI", str(store))
+    return {"torch_home": torch_home, "store": store}
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 HTTP endpoint (moto's threaded server) on loopback, for real boto3 calls."""

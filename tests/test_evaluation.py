@@ -28,17 +28,6 @@ NIQE_CALIBRATION = {
 }
 
 
-@pytest.fixture()
-def offline(skf_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
-    """Empty torch cache and weights folder, resolved at call time by components.weights."""
-    torch_home = tmp_path / "torch"
-    store = tmp_path / "weights"
-    store.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    monkeypatch.setenv("SKF_WEIGHTS_URI", str(store))
-    return {"torch_home": torch_home, "store": store}
-
-
 def _random_uint8(n: int, h: int, w: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8)
@@ -52,7 +41,7 @@ def _smooth_image(n: int = 2, h: int = 24, w: int = 28) -> torch.Tensor:
     return 0.2 + 0.5 * imgs
 
 
-def test_identical_images_psnr_capped_or_inf_and_ssim_one(offline: dict[str, Path]) -> None:
+def test_identical_images_psnr_capped_or_inf_and_ssim_one(weights_dirs: dict[str, Path]) -> None:
     ref = _random_uint8(2, 16, 20, seed=1)
     raw = evaluate_pairs(ref, ref, "raw", ("psnr", "ssim"))
     # pyiqa psnr adds eps=1e-8 to the MSE: identical images score 10*log10(1/1e-8) = 80 dB, not inf.
@@ -65,7 +54,7 @@ def test_identical_images_psnr_capped_or_inf_and_ssim_one(offline: dict[str, Pat
     assert paper.mlflow_tags()["test/psnr"] == "inf"
 
 
-def test_constant_shift_gives_analytic_psnr(offline: dict[str, Path]) -> None:
+def test_constant_shift_gives_analytic_psnr(weights_dirs: dict[str, Path]) -> None:
     ref = _smooth_image()
     raw = evaluate_pairs(ref + 0.05, ref, "raw", ("psnr",))
     assert raw.aggregates["psnr"] == pytest.approx(-20 * math.log10(0.05), abs=1e-3)
@@ -74,7 +63,7 @@ def test_constant_shift_gives_analytic_psnr(offline: dict[str, Path]) -> None:
     assert paper.aggregates["psnr"] == pytest.approx(20 * math.log10(255 / 5), abs=1e-9)
 
 
-def test_paper_protocol_matches_skimage(offline: dict[str, Path]) -> None:
+def test_paper_protocol_matches_skimage(weights_dirs: dict[str, Path]) -> None:
     out, ref = _random_uint8(3, 23, 31, seed=2), _random_uint8(3, 23, 31, seed=3)
     ref = ref // 2 + out // 2  # correlated, so SSIM is far from 0
     extra_out, extra_ref = _random_uint8(1, 17, 12, seed=4)[0], _random_uint8(1, 17, 12, seed=5)[0]
@@ -93,7 +82,7 @@ def test_paper_protocol_matches_skimage(offline: dict[str, Path]) -> None:
     assert [r["ssim"] for r in again.rows] == pytest.approx([r["ssim"] for r in report.rows[:3]], abs=1e-12)
 
 
-def test_gt_mean_only_removes_the_brightness_scale(offline: dict[str, Path]) -> None:
+def test_gt_mean_only_removes_the_brightness_scale(weights_dirs: dict[str, Path]) -> None:
     gt = _smooth_image()
     dark = 0.5 * gt
     assert evaluate_pairs(dark, gt, "raw", ("psnr",)).aggregates["psnr"] < 20
@@ -122,13 +111,15 @@ def test_paper_gt_mean_truncates_with_swapped_gray_weights() -> None:
     assert (prepared[0, :, 0, 0] * 255).round().tolist() == expected
 
 
-def test_missing_weights_make_metrics_unavailable_not_zero(offline: dict[str, Path], tmp_path: Path) -> None:
+def test_missing_weights_make_metrics_unavailable_not_zero(
+    weights_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     out, ref = _random_uint8(2, 16, 16, seed=6), _random_uint8(2, 16, 16, seed=7)
     report = evaluate_pairs(out, ref, "raw")
     assert set(report.unavailable) == {"lpips", "niqe"}
     assert "LPIPS_v0.1_alex-df73285e.pth" in report.unavailable["lpips"].reason
     assert "niqe_modelparameters.mat" in report.unavailable["niqe"].reason
-    assert str(offline["store"]) in report.unavailable["niqe"].reason
+    assert str(weights_dirs["store"]) in report.unavailable["niqe"].reason
     assert report.aggregates["lpips"] is None and report.aggregates["niqe"] is None
     assert math.isfinite(report.aggregates["psnr"]) and 0 < report.aggregates["ssim"] < 1
     assert set(report.mlflow_metrics()) == {"test/psnr", "test/ssim", "test/num_images"}
@@ -141,7 +132,7 @@ def test_missing_weights_make_metrics_unavailable_not_zero(offline: dict[str, Pa
     assert unpaired.aggregates == {"niqe": None} and "niqe" in unpaired.unavailable
 
 
-def test_bad_inputs_raise_clear_errors(offline: dict[str, Path]) -> None:
+def test_bad_inputs_raise_clear_errors(weights_dirs: dict[str, Path]) -> None:
     a, b = _random_uint8(1, 16, 16, seed=8), _random_uint8(1, 16, 18, seed=9)
     with pytest.raises(ValueError, match="differ in shape"):
         evaluate_pairs(a, b, "paper", ("psnr",))
@@ -153,10 +144,10 @@ def test_bad_inputs_raise_clear_errors(offline: dict[str, Path]) -> None:
         evaluate_pairs(a, a, "nope", ("psnr",))
 
 
-def test_niqe_reproduces_pyiqa_calibration(offline: dict[str, Path]) -> None:
+def test_niqe_reproduces_pyiqa_calibration(weights_dirs: dict[str, Path]) -> None:
     source = SHARED_WEIGHTS / "niqe_modelparameters.mat"
     assert source.is_file(), f"{source} is missing: the shared weights folder must sit beside the repo"
-    shutil.copy(source, offline["store"] / source.name)  # found through SKF_WEIGHTS_URI, copied to cache
+    shutil.copy(source, weights_dirs["store"] / source.name)  # found through SKF_WEIGHTS_URI, copied to cache
     site = Path(importlib.util.find_spec("pyiqa").origin).parents[1]
     images = [
         torch.from_numpy(np.array(Image.open(site / "ResultsCalibra" / "dist_dir" / n).convert("RGB")))
@@ -168,7 +159,7 @@ def test_niqe_reproduces_pyiqa_calibration(offline: dict[str, Path]) -> None:
     assert not report.unavailable
     for row in report.rows:
         assert row["niqe"] == pytest.approx(NIQE_CALIBRATION[row["name"]], abs=0.01), row["name"]
-    assert (offline["torch_home"] / "hub" / "pyiqa" / source.name).is_file()
+    assert (weights_dirs["torch_home"] / "hub" / "pyiqa" / source.name).is_file()
 
 
 def _write_random_lpips_weights(torch_home: Path, lin_shape_ok: bool = True) -> None:
@@ -187,8 +178,8 @@ def _write_random_lpips_weights(torch_home: Path, lin_shape_ok: bool = True) -> 
     torch.save(lins, torch_home / "hub" / "pyiqa" / "LPIPS_v0.1_alex-df73285e.pth")
 
 
-def test_lpips_loads_weights_from_the_cache(offline: dict[str, Path]) -> None:
-    _write_random_lpips_weights(offline["torch_home"])
+def test_lpips_loads_weights_from_the_cache(weights_dirs: dict[str, Path]) -> None:
+    _write_random_lpips_weights(weights_dirs["torch_home"])
     out, ref = _random_uint8(2, 64, 64, seed=10), _random_uint8(2, 64, 64, seed=11)
     report = evaluate_pairs(torch.cat([out, ref]), torch.cat([ref, ref]), "paper", ("lpips",), device="cpu")
     assert "lpips" not in report.unavailable
@@ -198,8 +189,8 @@ def test_lpips_loads_weights_from_the_cache(offline: dict[str, Path]) -> None:
     assert values[2] == pytest.approx(0.0, abs=1e-6) and values[3] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_lpips_file_with_wrong_layers_is_unavailable(offline: dict[str, Path]) -> None:
-    _write_random_lpips_weights(offline["torch_home"], lin_shape_ok=False)
+def test_lpips_file_with_wrong_layers_is_unavailable(weights_dirs: dict[str, Path]) -> None:
+    _write_random_lpips_weights(weights_dirs["torch_home"], lin_shape_ok=False)
     out = _random_uint8(1, 32, 32, seed=12)
     report = evaluate_pairs(out, out, "raw", ("psnr", "lpips"))
     assert "lin4.model.1.weight" in report.unavailable["lpips"].reason

@@ -19,16 +19,6 @@ NIQE = "niqe_modelparameters.mat"
 HRNET = "hrnet_w48_pascal_context_cls59_480x480.pth"
 
 
-@pytest.fixture()
-def dirs(skf_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
-    torch_home = tmp_path / "torch"
-    store = tmp_path / "weights"
-    store.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    monkeypatch.setenv("SKF_WEIGHTS_URI", str(store))
-    return {"torch_home": torch_home, "store": store}
-
-
 def _niqe_source() -> Path:
     source = SHARED_WEIGHTS / NIQE
     assert source.is_file(), f"{source} is missing: the shared weights folder must sit beside the repo"
@@ -39,23 +29,23 @@ def _by_name(rows: list[weights.WeightStatus]) -> dict[str, weights.WeightStatus
     return {r.name: r for r in rows}
 
 
-def test_known_weights_and_cache_paths_follow_torch_home(dirs: dict[str, Path]) -> None:
+def test_known_weights_and_cache_paths_follow_torch_home(weights_dirs: dict[str, Path]) -> None:
     names = {s.name for s in weights.KNOWN_WEIGHTS}
     assert {NIQE, "LPIPS_v0.1_alex-df73285e.pth", "alexnet-owt-7be5be79.pth", HRNET} <= names
-    hub = dirs["torch_home"] / "hub"
+    hub = weights_dirs["torch_home"] / "hub"
     assert weights.cache_path(NIQE) == hub / "pyiqa" / NIQE
     assert weights.cache_path("alexnet-owt-7be5be79.pth") == hub / "checkpoints" / "alexnet-owt-7be5be79.pth"
     assert weights.get_spec("alexnet-owt-7be5be79.pth").sha256_prefix == "7be5be79"
     assert weights.get_spec(HRNET).sha256_prefix is None
 
 
-def test_status_then_sync_from_a_folder(dirs: dict[str, Path]) -> None:
+def test_status_then_sync_from_a_folder(weights_dirs: dict[str, Path]) -> None:
     before = _by_name(weights.weights_status())
     assert not before[NIQE].present and before[NIQE].path is None
-    assert before[NIQE].looked_in == (str(weights.cache_path(NIQE)), str(dirs["store"] / NIQE))
-    shutil.copy(_niqe_source(), dirs["store"] / NIQE)
+    assert before[NIQE].looked_in == (str(weights.cache_path(NIQE)), str(weights_dirs["store"] / NIQE))
+    shutil.copy(_niqe_source(), weights_dirs["store"] / NIQE)
     in_store = _by_name(weights.weights_status())[NIQE]
-    assert in_store.present and in_store.path == str(dirs["store"] / NIQE)
+    assert in_store.present and in_store.path == str(weights_dirs["store"] / NIQE)
     synced = _by_name(weights.sync_weights())
     assert synced[NIQE].note == "synced" and not synced[HRNET].present
     after = _by_name(weights.weights_status())[NIQE]
@@ -68,38 +58,38 @@ def test_status_then_sync_from_a_folder(dirs: dict[str, Path]) -> None:
     assert _by_name(weights.sync_weights())[NIQE].note == "already cached"
 
 
-def test_sync_rejects_corrupt_files_and_leaves_no_copy(dirs: dict[str, Path]) -> None:
-    (dirs["store"] / NIQE).write_bytes(b"not the published NIQE parameters")
+def test_sync_rejects_corrupt_files_and_leaves_no_copy(weights_dirs: dict[str, Path]) -> None:
+    (weights_dirs["store"] / NIQE).write_bytes(b"not the published NIQE parameters")
     with pytest.raises(IntegrityError):
         weights.sync_weights(names=[NIQE])
     assert not weights.cache_path(NIQE).exists()
     alexnet = "alexnet-owt-7be5be79.pth"
-    (dirs["store"] / alexnet).write_bytes(b"random bytes")
+    (weights_dirs["store"] / alexnet).write_bytes(b"random bytes")
     with pytest.raises(IntegrityError, match="7be5be79"):
         weights.sync_weights(names=[alexnet])
     assert not weights.cache_path(alexnet).exists()
 
 
-def test_sha256_sidecar_is_honoured(dirs: dict[str, Path]) -> None:
+def test_sha256_sidecar_is_honoured(weights_dirs: dict[str, Path]) -> None:
     data = b"pretend HRNet checkpoint"
-    (dirs["store"] / HRNET).write_bytes(data)
-    (dirs["store"] / f"{HRNET}.sha256").write_text("0" * 64 + f"  {HRNET}\n")
+    (weights_dirs["store"] / HRNET).write_bytes(data)
+    (weights_dirs["store"] / f"{HRNET}.sha256").write_text("0" * 64 + f"  {HRNET}\n")
     with pytest.raises(IntegrityError):
         weights.sync_weights(names=[HRNET])
-    (dirs["store"] / f"{HRNET}.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    (weights_dirs["store"] / f"{HRNET}.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
     (row,) = weights.sync_weights(names=[HRNET])
     assert row.present and weights.cache_path(HRNET).read_bytes() == data
 
 
-def test_ensure_local_copies_on_demand(dirs: dict[str, Path]) -> None:
+def test_ensure_local_copies_on_demand(weights_dirs: dict[str, Path]) -> None:
     path, looked = weights.ensure_local(NIQE)
-    assert path is None and str(dirs["store"] / NIQE) in looked
-    shutil.copy(_niqe_source(), dirs["store"] / NIQE)
+    assert path is None and str(weights_dirs["store"] / NIQE) in looked
+    shutil.copy(_niqe_source(), weights_dirs["store"] / NIQE)
     path, _ = weights.ensure_local(NIQE)
     assert path == weights.cache_path(NIQE) and path.read_bytes() == _niqe_source().read_bytes()
 
 
-def test_sync_from_s3(dirs: dict[str, Path], s3_env: str) -> None:
+def test_sync_from_s3(weights_dirs: dict[str, Path], s3_env: str) -> None:
     uri = f"s3://{s3_env}/weights"
     open_storage(uri).put_file(NIQE, _niqe_source())
     remote = _by_name(weights.weights_status(uri))[NIQE]
@@ -108,7 +98,7 @@ def test_sync_from_s3(dirs: dict[str, Path], s3_env: str) -> None:
     assert synced.path == str(weights.cache_path(NIQE)) and synced.sha256 == weights.get_spec(NIQE).sha256
 
 
-def test_cli_status_before_and_after_sync(dirs: dict[str, Path]) -> None:
+def test_cli_status_before_and_after_sync(weights_dirs: dict[str, Path]) -> None:
     app = typer.Typer()
     weights_cli.register(app)
     runner = CliRunner()
@@ -121,15 +111,15 @@ def test_cli_status_before_and_after_sync(dirs: dict[str, Path]) -> None:
         return lines[0]
 
     assert "│ no " in niqe_line(["weights", "status"])
-    shutil.copy(_niqe_source(), dirs["store"] / NIQE)
-    assert "synced" in niqe_line(["weights", "sync", "--source", str(dirs["store"])])
+    shutil.copy(_niqe_source(), weights_dirs["store"] / NIQE)
+    assert "synced" in niqe_line(["weights", "sync", "--source", str(weights_dirs["store"])])
     status = niqe_line(["weights", "status"])
     assert "│ yes " in status and weights.get_spec(NIQE).sha256[:16] in status
 
 
-def test_cli_sync_reports_integrity_errors(dirs: dict[str, Path]) -> None:
+def test_cli_sync_reports_integrity_errors(weights_dirs: dict[str, Path]) -> None:
     app = typer.Typer()
     weights_cli.register(app)
-    (dirs["store"] / NIQE).write_bytes(b"corrupt")
+    (weights_dirs["store"] / NIQE).write_bytes(b"corrupt")
     result = CliRunner().invoke(app, ["weights", "sync"])
     assert result.exit_code == 1 and "error:" in result.output
