@@ -6,10 +6,6 @@ import importlib
 
 import typer
 
-from flows.env import configure_environment
-
-configure_environment()
-
 app = typer.Typer(
     name="skf",
     help="Semantic-aware low-light enhancement (SKF) pipeline: data, priors, training, evaluation, registry.",

@@ -28,9 +28,6 @@ from pydantic import BaseModel, ConfigDict
 from components import registry
 from components.recipes import Recipe, load_recipe
 from components.training.tasks import SA_SPEC, SCH_SPEC, SE_SPECS
-from flows.env import configure_environment
-
-configure_environment()  # flow-run processes of a worker never import the CLI that sets it
 
 OFF = "off"
 DEFAULT_BASELINE = "baseline/snr-net@1"

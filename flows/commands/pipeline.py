@@ -197,10 +197,9 @@ def demo_command(
     iterations: int | None = typer.Option(None, help="Training iterations (default: the demo preset's)."),
 ) -> None:
     """Run the whole pipeline on generated demo data: ingest, priors, train, evaluate, register."""
-    # Before Prefect is imported: the ephemeral API keeps its SQLite file in PREFECT_HOME (which must
-    # exist), and its first start on a fresh home (migrations) can exceed the 20 s default on a busy laptop.
+    # Before Prefect is imported: the ephemeral API keeps its SQLite file in PREFECT_HOME, which must exist
+    # (its longer start-up timeout is set for every flows process in flows.env).
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from components.settings import get_settings
     from flows.pipeline import resolve_params, skf_train
 
