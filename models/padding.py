@@ -46,12 +46,12 @@ def fit_prior(sem: Tensor, valid: tuple[int, int], padded: tuple[int, int]) -> T
     ``sem`` covers the *unpadded* image. It is nearest-resized onto the valid host region ``valid`` (the
     same resize the SE block does in the official code, where host and image coincide) and then
     replicate-padded to the host's ``padded`` size, so semantics stay aligned with image content. When no
-    padding happened this equals the official behaviour exactly (the SE block's own resize is then a
-    no-op).
+    padding happened the prior is returned as it is: the SE block resizes it itself (nearest, exactly as
+    the official code) and, for an integer factor, runs its semantic branch at the prior's resolution.
     """
+    ph, pw = padded[0] - valid[0], padded[1] - valid[1]
+    if not (ph or pw):
+        return sem
     if tuple(sem.shape[-2:]) != tuple(valid):
         sem = F.interpolate(sem, size=valid, mode="nearest")
-    ph, pw = padded[0] - valid[0], padded[1] - valid[1]
-    if ph or pw:
-        sem = F.pad(sem, (0, pw, 0, ph), mode="replicate")
-    return sem
+    return F.pad(sem, (0, pw, 0, ph), mode="replicate")

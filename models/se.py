@@ -7,10 +7,20 @@ DRBN- and LLFlow-SKF checkpoints load with ``strict=True``:
 
 ``conv1`` (Cs→C, bias), ``norm1.body.{weight,bias}``, ``attn.{temperature,kv,kv_dwconv,q,q_dwconv,
 project_out}``, ``norm2.body.*``, ``ffn.*`` and, for the bottleneck variant, ``conv2``/``conv3``.
+
+Speed (same results, see ``tests/test_se.py``): the priors reach a host feature by *nearest* upsampling by
+an integer factor ``f`` (×4 in SNR, ×2 in DRBN), so the semantic branch is piecewise constant on f×f
+blocks. Everything per-pixel on it (``conv1``, ``norm1``, ``q``, ``norm2``, ``project_in_S``, GELU) runs at
+the prior's resolution, and the full 3×3 ``q_dwconv`` of the upsampled map is rewritten exactly as a
+3×3 conv at low resolution with one collapsed kernel per *phase class* (first / interior / last row and
+column of a block, :func:`_phase_classes`). The query never exists at full resolution: its Gram product
+with the key only needs the key summed over each phase class. The block runs channels-last inside, where
+the per-pixel LayerNorm needs no transposing copies.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -65,11 +75,68 @@ class ChannelLayerNorm(nn.Module):
         return y.permute(0, 3, 1, 2).to(x.dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _phase_classes(factor: int) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, int, int], ...]]:
+    """Group the ``factor`` phases of a nearest-upsampled axis by where a 3-tap kernel reads.
+
+    Output row ``f·i + a`` of a 3×3 conv (padding 1) on a map upsampled by ``f`` reads source rows
+    ``⌊(f·i + a + t - 1) / f⌋ = i + o`` for taps ``t = 0, 1, 2``; phases with the same offsets ``o`` form
+    one class (for ``f ≥ 3``: the first phase, the interior ones, the last; ``f = 2``: first, last;
+    ``f = 1``: one class, the plain conv). Returns (the phases of each class, the offsets of each class).
+    """
+    classes: dict[tuple[int, int, int], list[int]] = {}
+    for a in range(factor):
+        offsets = tuple((a + t - 1) // factor for t in range(3))
+        classes.setdefault(offsets, []).append(a)  # type: ignore[arg-type]
+    return tuple(tuple(v) for v in classes.values()), tuple(classes)  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=16)
+def _phase_tables(factor: int) -> tuple[list[list[list[float]]], list[int], list[float]]:
+    """As lists: ``taps`` (class, tap, offset+1: one-hot), each phase's class, each class's size."""
+    phases, offsets = _phase_classes(factor)
+    taps = [[[1.0 if o + 1 == col else 0.0 for col in range(3)] for o in offs] for offs in offsets]
+    class_of = [next(c for c, group in enumerate(phases) if a in group) for a in range(factor)]
+    return taps, class_of, [float(len(group)) for group in phases]
+
+
+def _phase_matrices(factor: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_phase_tables` as tensors on ``like``'s device: taps (n×3×3), class of each phase, sizes."""
+    taps, class_of, sizes = _phase_tables(factor)
+    return (
+        torch.tensor(taps, dtype=like.dtype, device=like.device),
+        torch.tensor(class_of, dtype=torch.long, device=like.device),
+        torch.tensor(sizes, dtype=like.dtype, device=like.device),
+    )
+
+
+def _upsample_factor(host: tuple[int, int], prior: tuple[int, int]) -> int | None:
+    """The integer ``f`` with ``host == f·prior`` on both axes (nearest upsampling by ``f``), else None."""
+    (h, w), (hs, ws) = host, prior
+    if hs and ws and h % hs == 0 and w % ws == 0 and h // hs == w // ws:
+        return h // hs
+    return None
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _pixels(x: Tensor) -> Tensor:
+    """B×C×H×W (channels-last strides) -> B×H×W×C view."""
+    return x.permute(0, 2, 3, 1)
+
+
 class TransposedCrossAttention(nn.Module):
     """Channel-wise (d×d) cross attention: Q from the semantics, K and V from the image.
 
     ``q_dwconv`` is a *full* 3×3 conv in the official code despite its name; kept for checkpoint parity.
     Logits and softmax are computed in fp32 (normalisation eps 1e-12 underflows in fp16).
+
+    ``forward(x, sem, factor)`` takes the semantic map at 1/``factor`` of ``x``'s resolution and treats
+    it as nearest-upsampled by ``factor`` (module docstring); ``factor=1`` is the plain computation.
+    Normalising Q and K over the pixels is folded into the d×d logits (``QKᵀ / (‖q‖‖k‖ᵀ)``, the same
+    values as ``F.normalize``) so no normalised full-resolution copy is made.
     """
 
     def __init__(self, channels: int, heads: int = 2) -> None:
@@ -84,17 +151,57 @@ class TransposedCrossAttention(nn.Module):
         self.q_dwconv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.project_out = nn.Conv2d(channels, channels, 1, bias=False)
 
-    def forward(self, x: Tensor, sem: Tensor) -> Tensor:
+    def _query(self, sem: Tensor, factor: int) -> tuple[Tensor, Tensor | None]:
+        """Q per (low-res pixel, row class, column class): B×L×C, and each entry's pixel count (L)."""
+        q = self.q(sem)
+        weight = self.q_dwconv.weight
+        if factor == 1:
+            return _pixels(self.q_dwconv(q)).flatten(1, 2), None
+        taps, _, sizes = _phase_matrices(factor, weight)
+        n, c = taps.shape[0], weight.shape[0]
+        # collapsed kernels K[r, s] = Σ_{t,u} taps[r,t,·] taps[s,u,·] W[:, :, t, u]  ->  (r, s, cout) outputs
+        collapsed = torch.einsum("rto,sup,abtu->rsabop", taps, taps, weight).reshape(n * n * c, -1, 3, 3)
+        q = F.conv2d(q, collapsed.to(q.dtype), padding=1)  # B×(n·n·C)×h×w
+        b, _, h, w = q.shape
+        count = (sizes[:, None] * sizes[None, :]).flatten().repeat(h * w)  # (i, j, r, s) order
+        return _pixels(q).reshape(b, h * w * n * n, c), count
+
+    @staticmethod
+    def _pooled_key(k: Tensor, factor: int) -> Tensor:
+        """K summed over each phase class of every f×f block: B×L×C in the query's (i, j, r, s) order."""
+        px = _pixels(k)
+        if factor == 1:
+            return px.flatten(1, 2)
+        b, hh, ww, c = px.shape
+        h, w = hh // factor, ww // factor
+        _, class_of, _ = _phase_matrices(factor, k)
+        n = int(class_of.max()) + 1
+        # index_add over the phase axes: its backward is a cheap gather (an einsum here costs 4x more)
+        rows = px.reshape(b, h, factor, ww * c)
+        rows = rows.new_zeros(b, h, n, ww * c).index_add(2, class_of, rows).view(b, h, n, w, factor, c)
+        pooled = rows.new_zeros(b, h, n, w, n, c).index_add(4, class_of, rows)
+        return pooled.permute(0, 1, 3, 2, 4, 5).reshape(b, -1, c)
+
+    def forward(self, x: Tensor, sem: Tensor, factor: int = 1) -> Tensor:
         b, c, h, w = x.shape
+        d = c // self.heads
         k, v = self.kv_dwconv(self.kv(x)).chunk(2, dim=1)
-        q = self.q_dwconv(self.q(sem))
-        q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w) for t in (q, k, v))
-        dtype = _at_least_fp32(q.dtype)
-        q = F.normalize(q.to(dtype), dim=-1)
-        k = F.normalize(k.to(dtype), dim=-1)
-        attn = (q @ k.transpose(-2, -1) * self.temperature.to(dtype)).softmax(dim=-1)
-        out = (attn.to(v.dtype) @ v).reshape(b, c, h, w)
-        return self.project_out(out)
+        dtype = _at_least_fp32(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            q, count = self._query(sem.to(dtype), factor)
+            k32 = k.to(dtype)
+            key = self._pooled_key(k32, factor)
+            gram = q.transpose(1, 2) @ key  # B×C×C, only the per-head diagonal blocks are used
+            gram = gram.view(b, self.heads, d, self.heads, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+            q_sq = q.square() if count is None else q.square() * count[:, None]
+            q_norm = q_sq.sum(1).sqrt().clamp_min(1e-12).view(b, self.heads, d, 1)
+            k_norm = _pixels(k32).square().sum((1, 2)).sqrt().clamp_min(1e-12).view(b, self.heads, 1, d)
+            attn = (gram / (q_norm * k_norm) * self.temperature.to(dtype)).softmax(dim=-1)
+        # out[p, head·d + i] = Σ_j attn[head, i, j] v[p, head·d + j], as one matmul with a block-diagonal matrix
+        eye = torch.eye(self.heads, dtype=attn.dtype, device=attn.device)
+        mix = torch.einsum("bhij,hg->bhigj", attn, eye).reshape(b, c, c)
+        out = _pixels(v).reshape(b, h * w, c) @ mix.transpose(1, 2).to(v.dtype)
+        return self.project_out(out.view(b, h, w, c).permute(0, 3, 1, 2))
 
 
 class GatedDConvFeedForward(nn.Module):
@@ -133,11 +240,19 @@ class DualGatedFeedForward(nn.Module):
         self.project_in.requires_grad_(False)
         self.dwconv.requires_grad_(False)
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.project_out(
-            F.gelu(self.project_in_R(x), approximate=self.approximate)
-            * F.gelu(self.project_in_S(y), approximate=self.approximate)
-        )
+    def forward(self, x: Tensor, y: Tensor, factor: int = 1) -> Tensor:
+        """``y`` may be at 1/``factor`` of ``x``'s resolution (nearest upsampling, applied by broadcasting)."""
+        gx = F.gelu(self.project_in_R(x), approximate=self.approximate)
+        gy = F.gelu(self.project_in_S(y), approximate=self.approximate)
+        if factor == 1:
+            return self.project_out(gx * gy)
+        b, c, h, w = gx.shape
+        hs, ws = h // factor, w // factor
+        # widen gy along columns first (a small copy), then broadcast over rows: both backward
+        # reductions then run over outer axes, several times faster than one over two strided axes
+        wide = _pixels(gy)[:, :, :, None, :].expand(b, hs, ws, factor, c).reshape(b, hs, 1, w, c)
+        gated = _pixels(gx).reshape(b, hs, factor, w, c) * wide
+        return self.project_out(gated.reshape(b, h, w, c).permute(0, 3, 1, 2))
 
 
 class SemanticEmbedding(nn.Module):
@@ -192,17 +307,21 @@ class SemanticEmbedding(nn.Module):
             )
 
     def _embed(self, x: Tensor, sem: Tensor) -> Tensor:
-        if sem.shape[-2:] != x.shape[-2:]:  # hosts usually pass priors already aligned (fit_prior)
+        factor = _upsample_factor(x.shape[-2:], sem.shape[-2:])
+        if factor is None:  # not an integer upsampling (or a downsampling): resize here, as released
             sem = F.interpolate(sem, size=x.shape[-2:], mode="nearest")
-        sem = self.norm1(self.conv1(sem))
-        x = self.norm1(x)
-        x = x + self.attn(x, sem)
+            factor = 1
+        sem = self.norm1(self.conv1(_channels_last(sem)))  # at the prior's resolution
+        x = self.norm1(_channels_last(x))
+        x = x + self.attn(x, sem, factor)
         if self.ffn_kind == "gdfn":
-            return x + self.ffn(self.norm2(x))
-        return x + self.ffn(self.norm2(x), self.norm2(sem))
+            x = x + self.ffn(self.norm2(x))
+        else:
+            x = x + self.ffn(self.norm2(x), self.norm2(sem), factor)
+        return x.contiguous()
 
     def forward(self, x: Tensor, sem: Tensor) -> Tensor:
-        """``x``: B×C×h×w image feature; ``sem``: B×Cs×hs×ws, nearest-resized to h×w here."""
+        """``x``: B×C×h×w image feature; ``sem``: B×Cs×hs×ws, nearest-resized to h×w (exactly, module doc)."""
         self._check(x, sem, self.channels)
         return self._embed(x, sem)
 

@@ -372,5 +372,7 @@ def test_pad_to_multiple_and_fit_prior() -> None:
 
     sem = torch.rand(1, 4, 8, 12)
     assert torch.equal(fit_prior(sem, (8, 12), (8, 12)), sem)
+    low = torch.rand(1, 4, 2, 3)  # no padding: left at its resolution, the SE block resizes it itself
+    assert fit_prior(low, (8, 12), (8, 12)) is low
     fitted = fit_prior(sem, (8, 12), (12, 16))
     assert fitted.shape[-2:] == (12, 16) and torch.equal(fitted[..., :8, :12], sem)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from components.registry import create
-from models.se import SemanticEmbedding, SemanticEmbeddingBottleneck
+from models.se import SemanticEmbedding, SemanticEmbeddingBottleneck, _phase_classes
 
 torch.set_num_threads(1)
 
@@ -151,6 +151,52 @@ def test_forward_matches_spec_reference(ffn, gelu, approximate):
     _randomise(se)
     x, s = torch.randn(2, 8, 6, 10, dtype=torch.float64), torch.randn(2, 12, 3, 5, dtype=torch.float64)
     torch.testing.assert_close(se(x, s), _reference(se, x, s, approximate), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("factor", "offsets"),
+    [
+        (1, [(-1, 0, 1)]),
+        (2, [(-1, 0, 0), (0, 0, 1)]),
+        (3, [(-1, 0, 0), (0, 0, 0), (0, 0, 1)]),
+        (4, [(-1, 0, 0), (0, 0, 0), (0, 0, 1)]),
+    ],
+)
+def test_phase_classes_of_a_nearest_upsampled_axis(factor, offsets):
+    phases, got = _phase_classes(factor)
+    assert list(got) == offsets
+    assert sorted(a for group in phases for a in group) == list(range(factor))
+    assert phases[0] == (0,) and phases[-1] == (factor - 1,)
+
+
+def _grads(module, *inputs):
+    return [t.grad.clone() for t in inputs] + [
+        p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()
+    ]
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+@pytest.mark.parametrize(("ffn", "gelu"), [("dual-gated", "exact"), ("gdfn", "tanh")])
+def test_low_resolution_prior_path_equals_the_upsampled_computation(factor, ffn, gelu):
+    """The fast path (semantic branch at the prior's resolution, collapsed phase kernels, pooled keys)
+    gives the same output and the same gradients for every input and parameter as running the block
+    on the explicitly nearest-upsampled prior, including the image borders."""
+    torch.manual_seed(factor)
+    se = SemanticEmbedding(12, 8, ffn=ffn, gelu=gelu).double()
+    _randomise(se)
+    x = torch.randn(2, 8, 5 * factor, 3 * factor, dtype=torch.float64, requires_grad=True)
+    low = torch.randn(2, 12, 5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 8, 5 * factor, 3 * factor, dtype=torch.float64)
+
+    (se(x, low) * weight).sum().backward()
+    fast_out, fast = se(x, low).detach(), _grads(se, x, low)
+    for t in (x, low, *se.parameters()):
+        t.grad = None
+    up = F.interpolate(low, scale_factor=factor, mode="nearest")
+    (se(x, up) * weight).sum().backward()  # sizes match: the plain full-resolution computation
+    torch.testing.assert_close(fast_out, se(x, up).detach(), rtol=1e-10, atol=1e-10)
+    for got, want in zip(fast, _grads(se, x, low), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
 def test_gelu_variant_changes_the_output():
