@@ -86,10 +86,16 @@ def make_batch(model: str, variant: str, seed: int = 0) -> dict[str, Any]:
     return batch
 
 
+def _to_device(batch: Any, device: Any) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device)
+
+
 class Runner:
     """One variant: the task, its StepContext and a fixed random batch."""
 
-    def __init__(self, model: str, variant: str, skb: Any) -> None:
+    def __init__(self, model: str, variant: str, skb: Any, device: str = "cpu", amp: str = "off") -> None:
         import torch
 
         from components.training.engine import StepContext
@@ -97,28 +103,32 @@ class Runner:
 
         torch.manual_seed(0)
         self.model, self.variant = model, variant
+        self.device = torch.device(device)
         self.recipe = recipe_for(model, variant)
         self.task = build_task(None, self.recipe, skb if variant == "c" else None)
         modules = self.task.modules()
         for m in modules.values():
-            m.train()
+            m.to(self.device).train()  # before the optimisers: they keep the same Parameter objects
         self.schedulers = self.task.schedulers()
+        amp_on = amp != "off" and self.device.type == "cuda"
+        amp_dtype = torch.float16 if amp == "fp16" else torch.bfloat16
         self.ctx = StepContext(
-            device=torch.device("cpu"),
+            device=self.device,
             modules=modules,
             optimizers=self.task.optimizers(),
-            scaler=torch.amp.GradScaler("cpu", enabled=False),
-            amp_enabled=False,
-            amp_dtype=torch.bfloat16,
+            scaler=torch.amp.GradScaler(self.device.type, enabled=amp_on and amp_dtype == torch.float16),
+            amp_enabled=amp_on,
+            amp_dtype=amp_dtype,
             grad_clip=self.recipe.train.grad_clip,
         )
-        self.batch = make_batch(model, variant)
+        self.batch = _to_device(make_batch(model, variant), self.device)
         self.step_no = 0
 
     def step(self) -> dict[str, float]:
         self.step_no += 1
         self.ctx.step = self.step_no
         metrics = self.task.train_step(self.batch, self.step_no, self.ctx)
+        self.ctx.scaler.update()  # as the engine's loop does after every iteration (no-op unless fp16 AMP)
         for s in self.schedulers.values():
             s.step()
         return {k: float(v) for k, v in metrics.items()}
@@ -133,7 +143,7 @@ def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
 
     from components.skb import Priors
 
-    task, batch = runner.task, runner.batch
+    task, batch, device = runner.task, runner.batch, runner.device
     priors = Priors(**{k: v.float() for k, v in batch["priors"].items()})
     high = batch["high"]
     n, _, h, w = high.shape
@@ -145,7 +155,7 @@ def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
     else:
         blocks = [net.att_block_3, net.att_block_2, net.att_block_1]
         hosts = [(64, 4), (64, 2), (64, 1)]
-    xs = [torch.randn(n, c, h // k, w // k, generator=g) for c, k in hosts]
+    xs = [torch.randn(n, c, h // k, w // k, generator=g).to(device) for c, k in hosts]
 
     def se() -> None:
         if runner.model == "drbn":  # DRBN's SE inputs (F1, F0, full-res logits Z), as _drbn_sem builds them
@@ -157,7 +167,7 @@ def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
             total = total + block(x.requires_grad_(True), sem).square().mean()
         total.backward()
 
-    fake0 = torch.rand(n, 3, h, w, generator=g)
+    fake0 = torch.rand(n, 3, h, w, generator=g).to(device)
 
     def sch() -> None:
         fake = fake0.clone().requires_grad_(True)
@@ -184,31 +194,47 @@ def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
 # ---------------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------------
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    _sync()
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
+    _sync()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def build_skb() -> Any:
+def build_skb(device: str = "cpu") -> Any:
     import torch
 
     from components.registry import create
 
-    skb = create("skb/hrnet-w48-pascal@1", device="cpu", seed=0)
-    skb.to(torch.device("cpu"))
+    skb = create("skb/hrnet-w48-pascal@1", device=device, seed=0)
+    skb.to(torch.device(device))
     return skb
 
 
 def measure(
-    model: str, variants: list[str], warmup: int, steps: int, shares: bool, online_steps: int
+    model: str,
+    variants: list[str],
+    warmup: int,
+    steps: int,
+    shares: bool,
+    online_steps: int,
+    device: str = "cpu",
+    amp: str = "off",
 ) -> dict[str, Any]:
     """Interleaved rounds over ``variants``; returns per-variant wall/CPU times and component times.
 
     The online variant ``c`` (minutes per step on CPU) joins only the first ``warmup + online_steps``
     rounds."""
-    skb = build_skb() if "c" in variants else None
-    runners = {v: Runner(model, v, skb) for v in variants}
+    skb = build_skb(device) if "c" in variants else None
+    runners = {v: Runner(model, v, skb, device, amp) for v in variants}
     probes = component_probes(runners["b"]) if shares and "b" in runners else {}
     wall: dict[str, list[float]] = {k: [] for k in [*variants, *probes]}
     cpu: dict[str, list[float]] = {k: [] for k in wall}
@@ -316,7 +342,7 @@ def summarise(model: str, raw: dict[str, Any], mem: dict[str, Any]) -> dict[str,
 def markdown(report: dict[str, Any]) -> str:
     env = report["env"]
     lines = [
-        f"Date {env['date']}, commit {env['commit']}, {env['cpu']}, torch {env['torch']}, "
+        f"Date {env['date']}, commit {env['commit']}, device {env['device']}, {env['cpu']}, torch {env['torch']}, "
         f"{env['threads']} threads, {env['malloc_desc']}; load average before/after "
         f"{env['load_before']} / {env['load_after']}; {env['warmup']} warm-up + {env['steps']} timed "
         f"rounds ({env['online_steps']} for variant c), variants interleaved.",
@@ -386,6 +412,9 @@ def _env(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "malloc": args.malloc,
         "malloc_desc": describe(args.malloc),
+        "device": args.device
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+        + (f", autocast {args.amp}" if args.amp != "off" else ""),
         "warmup": args.warmup,
         "steps": args.steps,
         "online_steps": min(args.online_steps, args.steps),
@@ -401,6 +430,8 @@ def main() -> None:
     ap.add_argument("--online-steps", type=int, default=2, help="timed rounds of the slow variant c")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--malloc", choices=MALLOCS, default="jemalloc")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (then use --malloc glibc; no --memory)")
+    ap.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off", help="autocast on CUDA")
     ap.add_argument("--no-shares", action="store_true", help="skip the SE/SCH/SA component timings")
     ap.add_argument("--memory", action="store_true", help="peak RSS per variant in fresh processes")
     ap.add_argument("--json", type=Path, help="write the full report here")
@@ -426,7 +457,14 @@ def main() -> None:
         variants = [v for v in args.variants.split(",") if v in VARIANTS[model]]
         print(f"{model}: variants {variants}", file=sys.stderr, flush=True)
         raw = measure(
-            model, variants, args.warmup, args.steps, not args.no_shares, min(args.online_steps, args.steps)
+            model,
+            variants,
+            args.warmup,
+            args.steps,
+            not args.no_shares,
+            min(args.online_steps, args.steps),
+            args.device,
+            args.amp,
         )
         mem = peaks(model, variants, args) if args.memory else {}
         report["models"][model] = summarise(model, raw, mem)

@@ -46,16 +46,19 @@ def ssim(
     """Mean SSIM of two B×C×H×W images (data range 1), per channel, zero-padded borders.
 
     The five local statistics (μx, μy, E[x²], E[y²], E[xy]) come from one grouped conv over a stacked
-    5·C-channel tensor.
+    5·C-channel tensor, always in at least fp32: under AMP the prediction arrives in fp16/bf16 next to an
+    fp32 target, and the variance terms (E[x²] − μx², against c2 = 9e-4) cancel badly in half precision.
     """
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(
             f"ssim expects two B×C×H×W tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
         )
     c = x.shape[1]
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x, y = x.to(dtype), y.to(dtype)
     if window is None:
-        window = gaussian_window(window_size, sigma, x.dtype)
-    window = window.to(device=x.device, dtype=x.dtype)
+        window = gaussian_window(window_size, sigma, dtype)
+    window = window.to(device=x.device, dtype=dtype)
     kernel = window.expand(5 * c, 1, *window.shape[-2:])
     stats = F.conv2d(
         torch.cat((x, y, x * x, y * y, x * y), dim=1), kernel, padding=window.shape[-1] // 2, groups=5 * c

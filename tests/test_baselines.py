@@ -331,6 +331,20 @@ def test_ssim_matches_a_naive_reference() -> None:
     assert ssim(x, y).item() == pytest.approx(_reference_ssim(x.numpy(), y.numpy()), abs=1e-10)
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_ssim_of_an_amp_prediction_against_an_fp32_target_runs_in_fp32(half: torch.dtype) -> None:
+    """Under CUDA autocast DRBN's outputs are fp16/bf16 while the target stays fp32 (found on an H100)."""
+    torch.manual_seed(0)
+    y = torch.rand(2, 3, 24, 24)
+    x = (y + 0.05 * torch.randn_like(y)).clamp(0, 1)
+    pred = x.to(half).requires_grad_(True)
+    value = SSIMPyramidLoss()([pred], y)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(-ssim(pred.detach().float(), y).item(), abs=1e-6)
+    value.backward()
+    assert pred.grad.dtype == half and torch.isfinite(pred.grad.float()).all()
+
+
 def test_ssim_pyramid_is_minus_three_with_zero_finite_gradient_for_identical_images() -> None:
     loss = SSIMPyramidLoss()
     y = torch.rand(2, 3, 37, 50)
