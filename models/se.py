@@ -207,11 +207,13 @@ class TransposedCrossAttention(nn.Module):
             q_norm = q_norm.clamp_min(1e-12).view(b, self.heads, d, 1)
             k_norm = _pixels(k32).norm(dim=(1, 2)).clamp_min(1e-12).view(b, self.heads, 1, d)
             attn = (gram / (q_norm * k_norm) * self.temperature.to(dtype)).softmax(dim=-1)
-        # out[p, head·d + i] = Σ_j attn[head, i, j] v[p, head·d + j], as one matmul with a block-diagonal matrix
+        # out[p, head·d + i] = Σ_j attn[head, i, j] v[p, head·d + j] is a block-diagonal C×C matrix per image;
+        # the 1×1 project_out after it folds into that matrix, so one matmul does both (no conv, no copy)
         eye = torch.eye(self.heads, dtype=attn.dtype, device=attn.device)
         mix = torch.einsum("bhij,hg->bhigj", attn, eye).reshape(b, c, c)
+        mix = self.project_out.weight.view(c, c).to(mix.dtype) @ mix
         out = _pixels(v).reshape(b, h * w, c) @ mix.transpose(1, 2).to(v.dtype)
-        return self.project_out(out.view(b, h, w, c).permute(0, 3, 1, 2))
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class GatedDConvFeedForward(nn.Module):
