@@ -14,7 +14,8 @@ blocks. Everything per-pixel on it (``conv1``, ``norm1``, ``q``, ``norm2``, ``pr
 the prior's resolution, and the full 3×3 ``q_dwconv`` of the upsampled map is rewritten exactly as a
 3×3 conv at low resolution with one collapsed kernel per *phase class* (first / interior / last row and
 column of a block, :func:`_phase_classes`). The query never exists at full resolution: its Gram product
-with the key only needs the key summed over each phase class. The block runs channels-last inside, where
+with the key only needs the key summed over each phase class; ``project_out`` folds into the attention
+matrix. The block runs channels-last inside, where
 the per-pixel LayerNorm needs no transposing copies.
 """
 
@@ -136,7 +137,8 @@ class TransposedCrossAttention(nn.Module):
     ``forward(x, sem, factor)`` takes the semantic map at 1/``factor`` of ``x``'s resolution and treats
     it as nearest-upsampled by ``factor`` (module docstring); ``factor=1`` is the plain computation.
     Normalising Q and K over the pixels is folded into the d×d logits (``QKᵀ / (‖q‖‖k‖ᵀ)``, the same
-    values as ``F.normalize``) so no normalised full-resolution copy is made.
+    values as ``F.normalize``) so no normalised full-resolution copy is made, and the 1×1 ``project_out``
+    into the per-image C×C matrix applied to V.
     """
 
     def __init__(self, channels: int, heads: int = 2) -> None:
@@ -164,7 +166,8 @@ class TransposedCrossAttention(nn.Module):
         padded = F.pad(q, (1, 1, 1, 1))
         b, c, h, w = q.shape
         # Each class pair only reads the offsets its kernel touches (first: -1..0, interior: 0, last: 0..1),
-        # so one small conv per pair (≤ 9, fixed by the factor) does 25 instead of 81 taps per pixel.
+        # so one small conv per pair (≤ 9, fixed by the factor) does 25 taps per low-res pixel at f ≥ 3
+        # (one dense collapsed conv: 81; the full-resolution conv: 9·f²).
         outs = []
         for r, rows in enumerate(offsets):
             r0, r1 = min(rows) + 1, max(rows) + 2
@@ -196,9 +199,10 @@ class TransposedCrossAttention(nn.Module):
         b, c, h, w = x.shape
         d = c // self.heads
         k, v = self.kv_dwconv(self.kv(x)).chunk(2, dim=1)
+        q, count = self._query(sem, factor)  # convs under autocast like the key's; the products below in fp32
         dtype = _at_least_fp32(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            q, count = self._query(sem.to(dtype), factor)
+            q = q.to(dtype)
             k32 = k.to(dtype)
             key = self._pooled_key(k32, factor)
             gram = q.transpose(1, 2) @ key  # B×C×C, only the per-head diagonal blocks are used
