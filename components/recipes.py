@@ -36,6 +36,7 @@ __all__ = [
     "SchedulerConfig",
     "TrainConfig",
     "available_recipes",
+    "deep_merge",
     "load_recipe",
 ]
 
@@ -243,11 +244,12 @@ def _resolve(name_or_path: str | Path) -> Path:
     return candidate
 
 
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``; nested mappings merge, everything else is replaced (both copied)."""
+    out = copy.deepcopy(dict(base))
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -265,7 +267,7 @@ def _expand_dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
                 raise RecipeError(f"override {key!r} conflicts with another override of {part!r}")
         leaf = parts[-1]
         if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
-            node[leaf] = _deep_merge(node[leaf], value)
+            node[leaf] = deep_merge(node[leaf], value)
         else:
             node[leaf] = value
     return out
@@ -291,7 +293,7 @@ def _read(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent_path = path.parent / (parent if Path(parent).suffix in (".yaml", ".yml") else f"{parent}.yaml")
     if not parent_path.is_file():
         raise RecipeError(f"recipe {path} extends {parent!r}, but {parent_path} does not exist")
-    return _deep_merge(_read(parent_path, (*chain, path)), data)
+    return deep_merge(_read(parent_path, (*chain, path)), data)
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -315,7 +317,7 @@ def load_recipe(name_or_path: str | Path, overrides: Mapping[str, Any] | None = 
     path = _resolve(name_or_path)
     data = _read(path)
     if overrides:
-        data = _deep_merge(data, _expand_dotted(overrides))
+        data = deep_merge(data, _expand_dotted(overrides))
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

@@ -14,7 +14,6 @@ where it stopped. Every run ends with a markdown artifact summarising what it di
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from components.recipes import deep_merge
 from flows.train import DEFAULT_BASELINE, DEFAULT_SKB, DEFAULT_VAL_FRACTION, OFF, TrainingPlan, plan_training
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "pipelines"
@@ -53,17 +53,6 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PresetError(f"preset {path} must be a mapping at the top level")
     return data
-
-
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``; nested mappings merge, everything else is replaced."""
-    out = copy.deepcopy(dict(base))
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ TINY_OVERRIDES: dict[str, Any] = {
 
 def tiny_params(source: Path, name: str = "tiny", **extra: Any) -> dict[str, Any]:
     """``skf-train`` parameters: the demo preset on ``source`` with a 4-step run and no validation split."""
-    from flows.pipeline import deep_merge
+    from components.recipes import deep_merge
 
     params: dict[str, Any] = {
         "preset": "demo",
