@@ -95,19 +95,13 @@ def make_batch(model: str, variant: str, seed: int = 0) -> dict[str, Any]:
     return batch
 
 
-def _to_device(batch: Any, device: Any) -> Any:
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch.to(device)
-
-
 class Runner:
     """One variant: the task, its StepContext and a fixed random batch."""
 
     def __init__(self, model: str, variant: str, skb: Any, device: str = "cpu", amp: str = "off") -> None:
         import torch
 
-        from components.training.engine import StepContext
+        from components.training.engine import StepContext, move_to_device
         from components.training.tasks import build_task
 
         torch.manual_seed(0)
@@ -130,7 +124,7 @@ class Runner:
             amp_dtype=amp_dtype,
             grad_clip=self.recipe.train.grad_clip,
         )
-        self.batch = _to_device(make_batch(model, variant), self.device)
+        self.batch = move_to_device(make_batch(model, variant), self.device)
         self.step_no = 0
 
     def step(self) -> dict[str, float]:
