@@ -68,6 +68,38 @@ def test_sch_equals_loop_reference_for_values_outside_unit_range():
     )
 
 
+@pytest.mark.parametrize(("bins", "sharpness"), [(256, 400.0), (32, 400.0), (8, 20.0)])
+def test_sch_kernel_fit_matches_the_sigmoid_tails(bins, sharpness):
+    """The fitted polynomials reproduce every signed tail on a dense grid of positions in the bin."""
+    from models.sch import _DEGREE, _KernelFit
+
+    window = 10
+    fit = _KernelFit.fit(bins, sharpness, window)
+    assert fit.cells == max(1, -(-sharpness / bins // (400.0 / 256.0)))  # steep kernels split the bin
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64)[:-1]
+    cell = (t * fit.cells).floor()
+    v = t * fit.cells - cell - 0.5
+    d = torch.arange(window + 1, -window - 1, -1, dtype=torch.float64)[:, None]
+    slope = sharpness / bins
+    exact = torch.where(d >= 1, torch.sigmoid(slope * (t - d)), -torch.sigmoid(slope * (d - t)))
+    coef = fit.coefficients[:, :, cell.long()]  # (columns, degree+1, positions)
+    approx = (coef * v ** torch.arange(_DEGREE + 1, dtype=torch.float64)[None, :, None]).sum(1)
+    assert (approx - exact).abs().max() < 1e-8
+
+
+def test_sch_equals_loop_reference_for_a_steep_kernel():
+    # 32 bins at sharpness 400: each bin is split into 8 cells with their own polynomials.
+    pred, target, labels = random_case(8)
+    got = sch_loss(pred, target, labels, num_classes=5, bins=32)
+    ref = loop_reference(pred, target, labels, 5, "nhw", bins=32)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0.0)
+    p1 = pred.clone().requires_grad_(True)
+    p2 = pred.double().clone().requires_grad_(True)
+    sch_loss(p1, target, labels, num_classes=5, bins=32).backward()
+    loop_reference(p2, target, labels, 5, "nhw", bins=32).backward()
+    torch.testing.assert_close(p1.grad.double(), p2.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_histogram_mass_is_region_pixel_count():
     pred, _, labels = random_case(4)
     pred = pred.clamp(0.05, 0.95)  # away from the borders, where half a pixel's mass falls outside
