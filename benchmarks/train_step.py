@@ -16,7 +16,9 @@ step of :class:`~components.training.tasks.DRBNTask` / ``SNRTask`` is timed thro
 Variants are interleaved round by round (a, b, ..., a, b, ...) in one process so load drift hits both
 sides of a ratio. Each round also times the SE blocks, the SCH loss and the SA losses of ``b`` in
 isolation (forward + backward, SA incl. the D optimiser step) for the component shares. With
-``--memory`` every variant is re-run in a fresh child process for its peak RSS (``VmHWM``).
+``--memory`` every variant is re-run in a fresh child process for its peak RSS (``VmHWM``). ``--layout``
+picks the networks' internal memory layout for every variant (default ``auto``: as built, channels-last on
+CPU and NCHW on CUDA).
 
     python benchmarks/train_step.py --threads 2 --malloc jemalloc --memory \\
         --json bench.json --markdown bench.md
@@ -41,6 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime import MALLOCS, describe, reexec_with  # noqa: E402
 
 MODELS = {"drbn": (4, 256), "snr-net": (16, 128)}  # recipe batch, crop
+LAYOUTS = {"auto": None, "channels-last": True, "nchw": False}
+#: The networks' internal layout for this run (``--layout``); the builders' ``channels_last`` override.
+LAYOUT: dict[str, bool | None] = {"channels_last": None}
 VARIANTS = {"drbn": ("a", "b", "b-nosa", "c"), "snr-net": ("a", "b", "b-se", "c")}
 LABELS = {
     "a": "plain baseline",
@@ -57,17 +62,17 @@ LABELS = {
 def recipe_for(model: str, variant: str) -> Any:
     from components.recipes import load_recipe
 
+    over: dict[str, Any] = {"model": dict(LAYOUT)}
     if variant == "a":
-        return load_recipe(model)
-    over: dict[str, Any] = {}
+        return load_recipe(model, over)
     if model == "snr-net":
         # b: time the steps that carry SCH; b-se: the recipe's every-50th schedule, which the few timed
         # steps (1, 2, ...) never reach
-        over = {"skf": {"sch": {"every": 1 if variant != "b-se" else 50}}}
+        over["skf"] = {"sch": {"every": 1 if variant != "b-se" else 50}}
         if variant == "c":
             over["skf"].update({"skb_mode": "online", "skb_input": "lq"})
     elif variant in ("b", "b-nosa"):
-        over = {"skf": {"skb_mode": "cached", "skb_input": "lq"}}
+        over["skf"] = {"skb_mode": "cached", "skb_input": "lq"}
         if variant == "b-nosa":
             over["skf"]["sa"] = {"enabled": False}
     return load_recipe(f"{model}-skf", over)
@@ -292,7 +297,7 @@ def peaks(model: str, variants: list[str], args: argparse.Namespace) -> dict[str
     out = {}
     for v in variants:
         cmd = [sys.executable, __file__, "--child", f"{model}:{v}", "--threads", str(args.threads)]
-        cmd += ["--malloc", args.malloc]
+        cmd += ["--malloc", args.malloc, "--layout", args.layout]
         proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
         out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"  [{model}] peak RSS {v}: {out[v]['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
@@ -358,7 +363,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Date {env['date']}, commit {env['commit']}, device {env['device']}, {env['cpu']}, torch {env['torch']}, "
         f"{env['threads']} threads, {env['malloc_desc']}; load average before/after "
         f"{env['load_before']} / {env['load_after']}; {env['warmup']} warm-up + {env['steps']} timed "
-        f"rounds ({env['online_steps']} for variant c), variants interleaved.",
+        f"rounds ({env['online_steps']} for variant c), variants interleaved; networks "
+        f"{env.get('layout', 'auto')} inside.",
         "",
         "| model (batch x crop) | variant | median step (wall) | CPU time | x plain (wall) | x plain (CPU) "
         "| fastest step | x plain (fastest) | peak RSS |",
@@ -439,6 +445,7 @@ def _env(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "steps": args.steps,
         "online_steps": min(args.online_steps, args.steps),
+        "layout": args.layout,
     }
 
 
@@ -453,6 +460,7 @@ def main() -> None:
     ap.add_argument("--malloc", choices=MALLOCS, default="jemalloc")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (then use --malloc glibc; no --memory)")
     ap.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off", help="autocast on CUDA")
+    ap.add_argument("--layout", choices=list(LAYOUTS), default="auto", help="networks' memory layout inside")
     ap.add_argument("--no-shares", action="store_true", help="skip the SE/SCH/SA component timings")
     ap.add_argument("--memory", action="store_true", help="peak RSS per variant in fresh processes")
     ap.add_argument("--json", type=Path, help="write the full report here")
@@ -460,6 +468,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     reexec_with(args.malloc, args.threads)
+    LAYOUT["channels_last"] = LAYOUTS[args.layout]
 
     import torch
 

@@ -178,6 +178,10 @@ class DRBN(nn.Module):
         seg: build ``recur4.fuseblk_{1,2,3}`` (DRBN-SKF); ``False`` is the plain baseline.
         in_channels, g0, growth, n_layers: band-network sizes (official 3, 16, 8, 4).
         se_kwargs: overrides for the SE blocks (official: heads 2, GDFN γ 2.66, tanh GELU).
+        channels_last: the memory layout inside (outputs are NCHW either way); ``None`` picks by device:
+            channels-last on CPU, where the plain network runs ~35% faster (oneDNN's convolutions on these
+            narrow maps need no reorders) and the SE blocks make no layout copies, NCHW (the official
+            layout) on CUDA, where it measured slightly faster on an H100.
 
     Outputs are the full, half and quarter resolution images (ŷ₁, ŷ₂, ŷ₄) of recurrence 4, cropped to
     (H, W), (⌈H/2⌉, ⌈W/2⌉), (⌈H/4⌉, ⌈W/4⌉) — the shapes of ``y``, ``y[::2, ::2]``, ``y[::4, ::4]``.
@@ -195,10 +199,12 @@ class DRBN(nn.Module):
         growth: int = 8,
         n_layers: int = 4,
         se_kwargs: dict | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         band = {"in_channels": in_channels, "g0": g0, "growth": growth, "n_layers": n_layers}
         self.seg = seg
+        self.channels_last = channels_last
         self.recur1 = DRBNBand(**band)
         self.recur2 = DRBNBand(**band)
         self.recur3 = DRBNBand(**band)
@@ -210,6 +216,8 @@ class DRBN(nn.Module):
             raise ValueError(f"DRBN expects a B×C×H×W tensor, got shape {tuple(low.shape)}")
         size = (low.shape[-2], low.shape[-1])
         x = pad_to_multiple(low, self.stride)
+        if self.channels_last or (self.channels_last is None and x.device.type == "cpu"):
+            x = x.contiguous(memory_format=torch.channels_last)
         out = self.recur1(torch.cat((x, x), dim=1))
         out = self.recur2(torch.cat((out.res1, x), dim=1), out)
         out = self.recur3(torch.cat((out.res1, x), dim=1), out)
@@ -221,9 +229,9 @@ class DRBN(nn.Module):
         out = self.recur4(torch.cat((state.band.res1, state.low), dim=1), state.band, sem)
         h, w = state.size
         return (
-            crop(out.res1, (h, w)),
-            crop(out.res2, scaled_size((h, w), 2)),
-            crop(out.res4, scaled_size((h, w), 4)),
+            crop(out.res1, (h, w)).contiguous(),
+            crop(out.res2, scaled_size((h, w), 2)).contiguous(),
+            crop(out.res4, scaled_size((h, w), 4)).contiguous(),
         )
 
     def forward(

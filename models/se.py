@@ -327,6 +327,9 @@ class SemanticEmbedding(nn.Module):
         if factor is None:  # not an integer upsampling (or a downsampling): resize here, as released
             sem = F.interpolate(sem, size=x.shape[-2:], mode="nearest")
             factor = 1
+        # The output keeps the input's layout: a channels-last host (SNR-Net) pays no layout copies in
+        # either pass, an NCHW host gets NCHW back.
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
         sem = self.norm1(self.conv1(_channels_last(sem)))  # at the prior's resolution
         x = self.norm1(_channels_last(x))
         x = x + self.attn(x, sem, factor)
@@ -334,7 +337,7 @@ class SemanticEmbedding(nn.Module):
             x = x + self.ffn(self.norm2(x))
         else:
             x = x + self.ffn(self.norm2(x), self.norm2(sem), factor)
-        return x.contiguous()
+        return x if layout is not None else x.contiguous()
 
     def forward(self, x: Tensor, sem: Tensor) -> Tensor:
         """``x``: B×C×h×w image feature; ``sem``: B×Cs×hs×ws, nearest-resized to h×w (exactly, module doc)."""

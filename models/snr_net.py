@@ -176,6 +176,10 @@ class SNRNet(nn.Module):
         n_layers, heads, d_inner: transformer size (official 6, 8, 2048; tokens are nf·16-d).
         mask_threshold: a 4×4 patch whose mean SNR is ≤ this is not attended to (official 0.5).
         se_kwargs: overrides for the SE blocks (official: heads 2, dual-gated FFN, factor 2.66).
+        channels_last: the memory layout inside (the output is NCHW either way); ``None`` picks by device:
+            channels-last on CPU, where the SE blocks then make no layout copies (their per-pixel
+            LayerNorms want channels-last) and the plain network is a few percent faster, NCHW (the
+            official layout) on CUDA, where both measured the same on an H100.
     """
 
     stride = 16  # two stride-2 convs, then 4×4 patches
@@ -195,9 +199,11 @@ class SNRNet(nn.Module):
         d_inner: int = 2048,
         mask_threshold: float = 0.5,
         se_kwargs: dict | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         self.seg = seg
+        self.channels_last = channels_last
         self.mask_threshold = mask_threshold
         self.conv_first_1 = nn.Conv2d(3, nf, 3, 1, 1)
         self.conv_first_2 = nn.Conv2d(nf, nf, 3, 2, 1)
@@ -235,6 +241,8 @@ class SNRNet(nn.Module):
                 f"mask must be B×1×H×W like the input, got {tuple(mask.shape)} for {tuple(low.shape)}"
             )
         x = pad_to_multiple(low, self.stride)
+        if self.channels_last or (self.channels_last is None and x.device.type == "cpu"):
+            x = x.contiguous(memory_format=torch.channels_last)
         mask = pad_to_multiple(mask, self.stride)
         priors = self._align(size, x.shape[-2:], sem)
 
@@ -258,7 +266,7 @@ class SNRNet(nn.Module):
             out = self.att_block_1(out, priors[0])
         out = self._lrelu(self.HRconv(torch.cat((out, fea_1), dim=1)))
         out = self.conv_last(out) + x
-        return crop(out, size)
+        return crop(out, size).contiguous()
 
     def _long_range(self, fea: Tensor, mask: Tensor) -> Tensor:
         """Transformer branch: 4×4 patches → tokens (attending only to high-SNR patches) → fold back."""

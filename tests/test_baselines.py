@@ -71,6 +71,31 @@ def test_drbn_output_shapes_match_strided_targets(skf: bool, size: tuple[int, in
     assert all(torch.isfinite(o).all() for o in out)
 
 
+@pytest.mark.parametrize("network", ["drbn", "snr-net"])
+def test_channels_last_inside_gives_the_nchw_results_and_nchw_outputs(network: str) -> None:
+    """The internal layout is a speed choice only: same outputs and gradients, NCHW-contiguous results."""
+    h, w = 48, 40
+    torch.manual_seed(0)
+    if network == "drbn":
+        fast, ref = DRBN(seg=True), DRBN(seg=True, channels_last=False)
+        sem = drbn_sem(2, h, w)
+    else:
+        fast, ref = SNRNet(seg=True, **SNR_SMALL), SNRNet(seg=True, channels_last=False, **SNR_SMALL)
+        sem = snr_sem(2, h, w)
+    ref.load_state_dict(fast.state_dict())
+    low = torch.rand(2, 3, h, w)
+    outs = []
+    for model in (fast, ref):
+        out = model(low, sem) if network == "drbn" else (model(low, sem=sem),)
+        assert all(o.is_contiguous() for o in out)
+        sum(o.square().mean() for o in out).backward()
+        outs.append((out, [p.grad for p in model.parameters() if p.requires_grad]))
+    for a, b in zip(outs[0][0], outs[1][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 def test_drbn_skf_off_has_no_se_params_and_on_has_exactly_the_spec_counts() -> None:
     plain, skf = DRBN(seg=False), DRBN(seg=True)
     assert not any("fuseblk" in k for k in plain.state_dict())
