@@ -163,7 +163,10 @@ def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
     else:
         blocks = [net.att_block_3, net.att_block_2, net.att_block_1]
         hosts = [(64, 4), (64, 2), (64, 1)]
-    xs = [torch.randn(n, c, h // k, w // k, generator=g).to(device) for c, k in hosts]
+    # host features in the layout the network runs in (channels-last on CPU unless --layout nchw)
+    cl = net.channels_last if net.channels_last is not None else device.type == "cpu"
+    layout = torch.channels_last if cl else torch.contiguous_format
+    xs = [torch.randn(n, c, h // k, w // k, generator=g).to(device, memory_format=layout) for c, k in hosts]
 
     def se() -> None:
         if runner.model == "drbn":  # DRBN's SE inputs (F1, F0, full-res logits Z), as _drbn_sem builds them
