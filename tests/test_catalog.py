@@ -206,6 +206,34 @@ def test_in_memory_sqlite_shares_one_database() -> None:
         close_catalogs()
 
 
+def test_sqlite_migration_lock_is_held_until_the_schema_is_committed(tmp_path: Path) -> None:
+    """The next process may only read the schema after this one committed it (else it migrates again)."""
+    import fcntl
+
+    from components.catalog.db import create_catalog_engine, upgrade
+
+    db = tmp_path / "catalog.db"
+    engine = create_catalog_engine(f"sqlite:///{db}")
+    held: list[bool] = []
+
+    def lock_taken_at_commit(_conn: object) -> None:
+        with open(db.with_suffix(".migrate.lock"), "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(True)
+            else:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                held.append(False)
+
+    sa.event.listen(engine, "commit", lock_taken_at_commit)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    assert held and all(held)
+
+
 def test_concurrent_first_open_from_several_processes(db_url: str) -> None:
     """Workers starting together on a fresh catalog must not race each other's migrations."""
     import subprocess

@@ -91,33 +91,37 @@ def alembic_config(connection: sa.Connection | None = None) -> Any:
 
 
 @contextlib.contextmanager
-def _migration_lock(engine: Engine, conn: sa.Connection) -> Iterator[None]:
-    if engine.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive lock file beside a SQLite catalog file, held around the whole migration transaction."""
+    if not (engine.dialect.name == "sqlite" and _is_sqlite_file(engine.url)):
         yield
         return
-    if engine.dialect.name == "sqlite" and _is_sqlite_file(engine.url):
-        try:
-            import fcntl
-        except ImportError:  # Windows: SQLite's own locking and the busy timeout have to do
-            yield
-            return
-        lock_path = Path(engine.url.database).expanduser().with_suffix(".migrate.lock")
-        with open(lock_path, "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    try:
+        import fcntl
+    except ImportError:  # Windows: SQLite's own locking and the busy timeout have to do
+        yield
         return
-    yield
+    lock_path = Path(engine.url.database).expanduser().with_suffix(".migrate.lock")
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision``; a no-op when it is already there."""
+    """Bring the schema to ``revision``; a no-op when it is already there.
+
+    Concurrent first opens serialise: the next process must see the schema the previous one committed,
+    so every lock is released only after the commit (SQLite: the lock file is taken before the
+    transaction begins and dropped after it ends; PostgreSQL: a transaction-scoped advisory lock).
+    """
     from alembic import command
 
-    with engine.begin() as conn, _migration_lock(engine, conn):
+    with _sqlite_migration_lock(engine), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
         command.upgrade(alembic_config(conn), revision)
 
 
