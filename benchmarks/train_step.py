@@ -150,6 +150,7 @@ def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
     import torch
 
     from components.skb import Priors
+    from models.padding import working_layout
 
     task, batch, device = runner.task, runner.batch, runner.device
     priors = Priors(**{k: v.float() for k, v in batch["priors"].items()})
@@ -164,9 +165,10 @@ def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
         blocks = [net.att_block_3, net.att_block_2, net.att_block_1]
         hosts = [(64, 4), (64, 2), (64, 1)]
     # host features in the layout the network runs in (channels-last on CPU unless --layout nchw)
-    cl = net.channels_last if net.channels_last is not None else device.type == "cpu"
-    layout = torch.channels_last if cl else torch.contiguous_format
-    xs = [torch.randn(n, c, h // k, w // k, generator=g).to(device, memory_format=layout) for c, k in hosts]
+    xs = [
+        working_layout(torch.randn(n, c, h // k, w // k, generator=g).to(device), net.channels_last)
+        for c, k in hosts
+    ]
 
     def se() -> None:
         if runner.model == "drbn":  # DRBN's SE inputs (F1, F0, full-res logits Z), as _drbn_sem builds them

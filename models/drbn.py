@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.padding import crop, fit_prior, pad_to_multiple, scaled_size
+from models.padding import crop, fit_prior, pad_to_multiple, scaled_size, working_layout
 from models.se import SemanticEmbedding
 
 __all__ = ["DRBN", "BandOutput", "DRBNBand", "DRBNState", "RDB"]
@@ -215,9 +215,7 @@ class DRBN(nn.Module):
         if low.dim() != 4:
             raise ValueError(f"DRBN expects a B×C×H×W tensor, got shape {tuple(low.shape)}")
         size = (low.shape[-2], low.shape[-1])
-        x = pad_to_multiple(low, self.stride)
-        if self.channels_last or (self.channels_last is None and x.device.type == "cpu"):
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = working_layout(pad_to_multiple(low, self.stride), self.channels_last)
         out = self.recur1(torch.cat((x, x), dim=1))
         out = self.recur2(torch.cat((out.res1, x), dim=1), out)
         out = self.recur3(torch.cat((out.res1, x), dim=1), out)

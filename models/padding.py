@@ -1,19 +1,30 @@
-"""Padding helpers shared by the baseline networks.
+"""Padding and layout helpers shared by the baseline networks.
 
 The official DRBN and SNR networks only work when H and W are multiples of their internal stride
 (strided convs give ⌈·/2⌉, transposed convs / PixelShuffle give exactly ×2, and SNR's 4×4 patch fold drops
 remainders). We pad the bottom/right edges, run the network, and crop back, so any H×W works and inputs
-that already are multiples run exactly as released.
+that already are multiples run exactly as released. :func:`working_layout` picks the memory layout the
+networks run in.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["crop", "fit_prior", "pad_to_multiple", "scaled_size"]
+__all__ = ["crop", "fit_prior", "pad_to_multiple", "scaled_size", "working_layout"]
+
+
+def working_layout(x: Tensor, channels_last: bool | None) -> Tensor:
+    """``x`` in the memory layout a network runs in: channels-last if asked or, for ``None``, on CPU (where
+    oneDNN's convolutions on narrow maps and the SE blocks' per-pixel LayerNorms need no reorders);
+    otherwise unchanged (NCHW, the official layout, which measured as fast or faster on an H100)."""
+    if channels_last or (channels_last is None and x.device.type == "cpu"):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def scaled_size(size: tuple[int, int], scale: int) -> tuple[int, int]:

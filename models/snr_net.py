@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.padding import crop, fit_prior, pad_to_multiple, scaled_size
+from models.padding import crop, fit_prior, pad_to_multiple, scaled_size, working_layout
 from models.se import SemanticEmbedding
 
 __all__ = ["LUMA_WEIGHTS", "PatchTransformer", "ResidualBlockNoBN", "SNRNet", "box_blur", "snr_mask"]
@@ -240,9 +240,7 @@ class SNRNet(nn.Module):
             raise ValueError(
                 f"mask must be B×1×H×W like the input, got {tuple(mask.shape)} for {tuple(low.shape)}"
             )
-        x = pad_to_multiple(low, self.stride)
-        if self.channels_last or (self.channels_last is None and x.device.type == "cpu"):
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = working_layout(pad_to_multiple(low, self.stride), self.channels_last)
         mask = pad_to_multiple(mask, self.stride)
         priors = self._align(size, x.shape[-2:], sem)
 
