@@ -129,12 +129,13 @@ def _contraction_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.is_cuda else x.dtype
 
 
-def _positions(x: Tensor, centre: Tensor, bins: int, cells: int) -> tuple[Tensor, Tensor | None]:
-    """Each value's centred position ``v`` in [-1/2, 1/2] inside its cell and its cell (None for one cell).
+def _positions(t: Tensor, cells: int) -> tuple[Tensor, Tensor | None]:
+    """From ``t = x*B - c`` (overwritten), each value's centred position ``v`` in [-1/2, 1/2] inside its
+    cell and its cell (None for one cell).
 
     Values whose bin was clamped (far outside [0, 1], windows in the padding) get their position clamped
     to the nearest cell end too."""
-    t = (x * bins - centre).clamp_(0.0, 1.0).mul_(cells)
+    t = t.clamp_(0.0, 1.0).mul_(cells)
     if cells == 1:
         return t.sub_(0.5), None
     cell = t.floor().clamp_(max=cells - 1)
@@ -200,7 +201,7 @@ class _WindowedSoftHistogram(torch.autograd.Function):
         key = row * lay.slots + slot[:n_x]
         if ref is not None:
             key = torch.cat([key, (row + rows) * lay.slots + slot[n_x:]])
-        v, cell = _positions(values, centre, bins, fit.cells)
+        v, cell = _positions(values * bins - centre, fit.cells)
         if cell is not None:
             key = key.mul_(fit.cells).add_(cell)
         buckets = total_rows * lay.slots * fit.cells
@@ -244,10 +245,9 @@ class _WindowedSoftHistogram(torch.autograd.Function):
         kernel = fit.backward_kernel(bins, dtype, x.device)
         slopes = F.conv1d(g_edges.unsqueeze(1).to(dtype), kernel).to(x.dtype)  # (rows, cells*degree, slots)
         slopes = slopes.view(rows, fit.cells, _DEGREE, lay.slots).permute(0, 3, 1, 2).reshape(-1, _DEGREE)
-        v, _ = _positions(x, centre, bins, fit.cells)
-        inside = (
-            torch.floor(x * bins - centre) == 0
-        )  # bins clamped far outside [0, 1]: no slope (v is clamped)
+        t = x * bins - centre
+        inside = t.floor() == 0  # bins clamped far outside [0, 1] have no slope (their v is clamped)
+        v, _ = _positions(t, fit.cells)
         grad_x = torch.empty_like(x)
         for sl in _tiles(x):
             coef = slopes.index_select(0, key[sl])

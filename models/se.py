@@ -329,7 +329,7 @@ class SemanticEmbedding(nn.Module):
             factor = 1
         # The output keeps the input's layout: a channels-last host (SNR-Net) pays no layout copies in
         # either pass, an NCHW host gets NCHW back.
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+        keep_channels_last = x.is_contiguous(memory_format=torch.channels_last)
         sem = self.norm1(self.conv1(_channels_last(sem)))  # at the prior's resolution
         x = self.norm1(_channels_last(x))
         x = x + self.attn(x, sem, factor)
@@ -337,7 +337,7 @@ class SemanticEmbedding(nn.Module):
             x = x + self.ffn(self.norm2(x))
         else:
             x = x + self.ffn(self.norm2(x), self.norm2(sem), factor)
-        return x if layout is not None else x.contiguous()
+        return x if keep_channels_last else x.contiguous()
 
     def forward(self, x: Tensor, sem: Tensor) -> Tensor:
         """``x``: B×C×h×w image feature; ``sem``: B×Cs×hs×ws, nearest-resized to h×w (exactly, module doc)."""
