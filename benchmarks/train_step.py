@@ -18,7 +18,8 @@ sides of a ratio. Each round also times the SE blocks, the SCH loss and the SA l
 isolation (forward + backward, SA incl. the D optimiser step) for the component shares. With
 ``--memory`` every variant is re-run in a fresh child process for its peak RSS (``VmHWM``). ``--layout``
 picks the networks' internal memory layout for every variant (default ``auto``: as built, channels-last on
-CPU and NCHW on CUDA).
+CPU and NCHW on CUDA); ``--sa-precision`` the DRBN-SKF discriminator step's (recipe ``skf.sa.precision``,
+default ``auto``: bf16 autocast where the device has native bf16, e.g. an AVX512-BF16 CPU).
 
     python benchmarks/train_step.py --threads 2 --malloc jemalloc --memory \\
         --json bench.json --markdown bench.md
@@ -46,6 +47,9 @@ MODELS = {"drbn": (4, 256), "snr-net": (16, 128)}  # recipe batch, crop
 LAYOUTS = {"auto": None, "channels-last": True, "nchw": False}
 #: The networks' internal layout for this run (``--layout``); the builders' ``channels_last`` override.
 LAYOUT: dict[str, bool | None] = {"channels_last": None}
+SA_PRECISIONS = ("auto", "fp32", "bf16")
+#: The DRBN-SKF discriminator step's precision for this run (``--sa-precision``; recipe ``skf.sa.precision``).
+SA: dict[str, str] = {"precision": "auto"}
 VARIANTS = {"drbn": ("a", "b", "b-nosa", "c"), "snr-net": ("a", "b", "b-se", "c")}
 LABELS = {
     "a": "plain baseline",
@@ -72,9 +76,11 @@ def recipe_for(model: str, variant: str) -> Any:
         if variant == "c":
             over["skf"].update({"skb_mode": "online", "skb_input": "lq"})
     elif variant in ("b", "b-nosa"):
-        over["skf"] = {"skb_mode": "cached", "skb_input": "lq"}
+        over["skf"] = {"skb_mode": "cached", "skb_input": "lq", "sa": {"precision": SA["precision"]}}
         if variant == "b-nosa":
             over["skf"]["sa"] = {"enabled": False}
+    else:  # DRBN c: the recipe as shipped (online SKB on the intermediate output)
+        over["skf"] = {"sa": {"precision": SA["precision"]}}
     return load_recipe(f"{model}-skf", over)
 
 
@@ -302,7 +308,7 @@ def peaks(model: str, variants: list[str], args: argparse.Namespace) -> dict[str
     out = {}
     for v in variants:
         cmd = [sys.executable, __file__, "--child", f"{model}:{v}", "--threads", str(args.threads)]
-        cmd += ["--malloc", args.malloc, "--layout", args.layout]
+        cmd += ["--malloc", args.malloc, "--layout", args.layout, "--sa-precision", args.sa_precision]
         proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
         out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"  [{model}] peak RSS {v}: {out[v]['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
@@ -369,7 +375,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{env['threads']} threads, {env['malloc_desc']}; load average before/after "
         f"{env['load_before']} / {env['load_after']}; {env['warmup']} warm-up + {env['steps']} timed "
         f"rounds ({env['online_steps']} for variant c), variants interleaved; networks "
-        f"{env.get('layout', 'auto')} inside.",
+        f"{env.get('layout', 'auto')} inside; DRBN-SKF discriminator step {env.get('sa_precision', 'fp32')}.",
         "",
         "| model (batch x crop) | variant | median step (wall) | CPU time | x plain (wall) | x plain (CPU) "
         "| fastest step | x plain (fastest) | peak RSS |",
@@ -451,7 +457,19 @@ def _env(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "online_steps": min(args.online_steps, args.steps),
         "layout": args.layout,
+        "sa_precision": _sa_precision(args),
     }
+
+
+def _sa_precision(args: argparse.Namespace) -> str:
+    """``--sa-precision`` and, for ``auto``, what it resolves to on this device."""
+    import torch
+
+    from components.losses import native_bf16
+
+    if args.sa_precision != "auto":
+        return args.sa_precision
+    return f"auto (-> {'bf16' if native_bf16(torch.device(args.device)) else 'fp32'})"
 
 
 def main() -> None:
@@ -466,6 +484,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (then use --malloc glibc; no --memory)")
     ap.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off", help="autocast on CUDA")
     ap.add_argument("--layout", choices=list(LAYOUTS), default="auto", help="networks' memory layout inside")
+    ap.add_argument(
+        "--sa-precision", choices=SA_PRECISIONS, default="auto", help="DRBN-SKF discriminator step precision"
+    )
     ap.add_argument("--no-shares", action="store_true", help="skip the SE/SCH/SA component timings")
     ap.add_argument("--memory", action="store_true", help="peak RSS per variant in fresh processes")
     ap.add_argument("--json", type=Path, help="write the full report here")
@@ -474,6 +495,7 @@ def main() -> None:
     args = ap.parse_args()
     reexec_with(args.malloc, args.threads)
     LAYOUT["channels_last"] = LAYOUTS[args.layout]
+    SA["precision"] = args.sa_precision
 
     import torch
 

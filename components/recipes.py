@@ -136,6 +136,12 @@ class SAConfig(_Strict):
     global_weight: float = Field(0.9, ge=0, le=1, description="λ between global and local D terms")
     d_lr_ratio: float = Field(1e-3, gt=0, description="discriminator lr = generator lr × this")
     official_bugs: bool = Field(False, description="reproduce the released mask aliasing / untrained conv0")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="the discriminator step's passes: 'auto' = bf16 autocast where the device has native "
+        "bf16 (AVX512-BF16/AMX CPU, sm80+ GPU), else fp32; parameters, losses and the generator's "
+        "adversarial pass stay fp32",
+    )
 
 
 class SKFConfig(_Strict):

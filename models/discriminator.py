@@ -7,8 +7,11 @@ Names (``conv0..conv9``, ``bn2..bn8``) match the official DRBN-SKF ``Discriminat
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.padding import working_layout
 
 __all__ = ["Discriminator"]
 
@@ -21,10 +24,16 @@ class Discriminator(nn.Module):
 
     ``conv9`` is a 1×1 conv with padding 1, as released: the border of its output is bias-only and takes
     part in the global average. H and W should be at least 16 (four stride-2 stages).
+
+    ``channels_last`` is the memory layout the stack runs in (``None``: channels-last on CPU, where oneDNN's
+    bf16 convolutions are faster in it, NCHW on CUDA); the result does not depend on it.
     """
 
-    def __init__(self, image_channels: int = 3, num_classes: int = 59) -> None:
+    def __init__(
+        self, image_channels: int = 3, num_classes: int = 59, channels_last: bool | None = None
+    ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         self.image_channels = image_channels
         self.semantic_channels = image_channels + num_classes
         self.conv0 = nn.Conv2d(self.semantic_channels, 64, 3, padding=1)
@@ -36,6 +45,8 @@ class Discriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         channels = x.shape[1] if x.dim() == 4 else None
+        if channels is not None:
+            x = working_layout(x, self.channels_last)
         if channels == self.image_channels:
             x = F.relu(self.conv1(x))
         elif channels == self.semantic_channels:
@@ -47,5 +58,8 @@ class Discriminator(nn.Module):
             )
         for i in range(2, 9):
             x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
-        logits = self.conv9(x).mean(dim=(2, 3))
+        # pooled and squashed in at least fp32: under bf16 autocast the probability keeps its digits
+        # (LSGAN errors and the hardest-region choice compare these numbers)
+        out = self.conv9(x)
+        logits = out.to(torch.promote_types(out.dtype, torch.float32)).mean(dim=(2, 3))
         return logits.sigmoid()

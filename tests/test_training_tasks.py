@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from components.losses import native_bf16
 from components.recipes import load_recipe
 from components.skb import Priors
 from components.training import InMemoryLogger, Trainer, TrainerConfig
@@ -202,6 +203,9 @@ def test_train_entry_point_records_specs_mode_and_fingerprint(tmp_path: Path) ->
     assert p["component.se"] == "se/restormer-xattn-gdfn@1"
     assert (p["component.sch"], p["component.sa"]) == ("loss/sch@1", "loss/sa@1")
     assert (p["skf.skb_mode"], p["skf.skb_input"]) == ("online", "intermediate")
+    # what the SA discriminator's "auto" precision became on this device, next to the recipe's setting
+    assert p["recipe.skf.sa.precision"] == "auto"
+    assert p["skf.sa.precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     assert p["skb.fingerprint"] == FakeSKB.fingerprint and p["dataset"] == "demo@1"
     assert p["recipe.optimizer.lr"] == 1e-4 and p["trainer.iterations"] == 2
     assert [s for s, _ in logger.history("val/psnr")] == [2] and logger.images[0][2].shape == (3, 64, 96)

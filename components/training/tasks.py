@@ -33,7 +33,7 @@ from components.baseline_losses import build_baseline_loss, ssim
 from components.recipes import OptimizerConfig, Recipe, SchedulerConfig
 from components.registry import create, resolved_spec
 from components.skb import Priors
-from components.training.engine import FitResult, Progress, StepContext, Trainer, TrainerConfig
+from components.training.engine import FitResult, Progress, StepContext, Trainer, TrainerConfig, select_device
 from components.training.loggers import RunLogger
 
 __all__ = [
@@ -225,6 +225,7 @@ class DRBNTask(_BaseTask):
                 lam=self.skf.sa.global_weight,
                 weight=self.skf.sa.weight,
                 official_compat=self.skf.sa.official_bugs,
+                precision=self.skf.sa.precision,
             )
             self._disc = self.sa.discriminator  # the raw D: checkpointed and optimised
 
@@ -510,6 +511,8 @@ def train(
     if skb is not None and config.device:  # the SKB is not a trained module: place it like the network
         skb.to(torch.device(config.device))
     trainer = Trainer(task, config, run_dir=run_dir, logger=logger, progress=progress)
-    return trainer.fit(
-        train_dataset, val_loader, resume=resume, params={**run_params(task), **(params or {})}
-    )
+    resolved = run_params(task)
+    sa = getattr(task, "sa", None)
+    if sa is not None:  # what "auto" became on this run's device
+        resolved["skf.sa.precision"] = sa.resolved_precision(select_device(config.device))
+    return trainer.fit(train_dataset, val_loader, resume=resume, params={**resolved, **(params or {})})
