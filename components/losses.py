@@ -227,9 +227,9 @@ class SemanticAdversarialLoss(nn.Module):
       (aliased buffers), no 62-ch D training, no detach, and the region max is taken over batch means.
 
     Precision of the D step: its six passes (two scoring, four trained) are more than half of a DRBN-SKF
-    step in fp32 on a CPU. ``precision="auto"`` (default) runs them under bf16 autocast where the device does bf16 in
-    hardware (:func:`native_bf16`; 2.2x faster D forward+backward on an AVX512-BF16 CPU), fp32 elsewhere;
-    ``"bf16"`` forces it, ``"fp32"`` keeps the ambient precision. Parameters, their gradients, BN
+    step in fp32 on a CPU. ``precision="auto"`` (default) runs them under bf16 autocast where the device
+    does bf16 in hardware (:func:`native_bf16`; 2.2x faster D forward+backward on an AVX512-BF16 CPU),
+    fp32 elsewhere; ``"bf16"`` forces it, ``"fp32"`` keeps the ambient precision. Parameters, their gradients, BN
     statistics and every loss stay fp32. :meth:`generator_loss`, the pass whose gradient reaches the
     enhancement network, always runs in the ambient precision (fp32 unless the caller autocasts), so the
     generator's adversarial gradient is the same in every mode. (The D's own gradient at its LSGAN loss is
