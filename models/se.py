@@ -128,6 +128,21 @@ def _pixels(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+def _pointwise_then_depthwise(x: Tensor, pointwise: nn.Conv2d, depthwise: nn.Conv2d) -> tuple[Tensor, Tensor]:
+    """``depthwise(pointwise(x)).chunk(2, dim=1)``, each half computed by its own pair of convolutions.
+
+    Same values and parameters (the halves use slices of the two bias-free weights), but each half is a
+    dense tensor: on a channels-last map a channel slice of the joint output is strided, and the GELU,
+    gating, norms and matmuls that read it run about 2x slower on it (and the chunk's backward concatenates
+    the two gradients into one more full-size copy).
+    """
+    outs = []
+    for w_point, w_depth in zip(pointwise.weight.chunk(2), depthwise.weight.chunk(2), strict=True):
+        mid = F.conv2d(x, w_point)
+        outs.append(F.conv2d(mid, w_depth, padding=depthwise.padding, groups=w_depth.shape[0]))
+    return outs[0], outs[1]
+
+
 class TransposedCrossAttention(nn.Module):
     """Channel-wise (d×d) cross attention: Q from the semantics, K and V from the image.
 
@@ -198,7 +213,7 @@ class TransposedCrossAttention(nn.Module):
     def forward(self, x: Tensor, sem: Tensor, factor: int = 1) -> Tensor:
         b, c, h, w = x.shape
         d = c // self.heads
-        k, v = self.kv_dwconv(self.kv(x)).chunk(2, dim=1)
+        k, v = _pointwise_then_depthwise(x, self.kv, self.kv_dwconv)
         q, count = self._query(sem, factor)  # convs under autocast like the key's; the products below in fp32
         dtype = _at_least_fp32(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
@@ -232,7 +247,7 @@ class GatedDConvFeedForward(nn.Module):
         self.project_out = nn.Conv2d(hidden, channels, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        u1, u2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        u1, u2 = _pointwise_then_depthwise(x, self.project_in, self.dwconv)
         return self.project_out(F.gelu(u1, approximate=self.approximate) * u2)
 
 

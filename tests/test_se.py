@@ -267,3 +267,25 @@ def test_wrong_channels_give_a_clear_error():
         se(torch.randn(1, 8, 4, 4), torch.randn(1, 11, 4, 4))
     with pytest.raises(ValueError, match="ffn must be"):
         SemanticEmbedding(10, 8, ffn="mlp")  # type: ignore[arg-type]
+
+
+def test_split_pointwise_depthwise_equals_the_joint_convs_and_gives_dense_halves():
+    from models.se import _pointwise_then_depthwise
+
+    torch.manual_seed(0)
+    pointwise = torch.nn.Conv2d(16, 2 * 24, 1, bias=False)
+    depthwise = torch.nn.Conv2d(2 * 24, 2 * 24, 3, padding=1, groups=2 * 24, bias=False)
+    x = torch.randn(2, 16, 12, 10).contiguous(memory_format=torch.channels_last)
+    a1, a2 = _pointwise_then_depthwise(x, pointwise, depthwise)
+    b1, b2 = depthwise(pointwise(x)).chunk(2, dim=1)
+    torch.testing.assert_close(a1, b1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a2, b2, rtol=1e-5, atol=1e-6)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (a1, a2))
+    assert not b1.is_contiguous(memory_format=torch.channels_last)  # what the split avoids
+    (a1.square().sum() + a2.sum()).backward()
+    split_grads = [pointwise.weight.grad.clone(), depthwise.weight.grad.clone()]
+    pointwise.zero_grad()
+    depthwise.zero_grad()
+    (b1.square().sum() + b2.sum()).backward()
+    torch.testing.assert_close(split_grads[0], pointwise.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split_grads[1], depthwise.weight.grad, rtol=1e-4, atol=1e-5)
