@@ -229,7 +229,7 @@ class SemanticAdversarialLoss(nn.Module):
     Precision of the D step: its six passes (two scoring, four trained) are more than half of a DRBN-SKF
     step in fp32 on a CPU. ``precision="auto"`` (default) runs them under bf16 autocast where the device
     does bf16 in hardware (:func:`native_bf16`; 2.2x faster D forward+backward on an AVX512-BF16 CPU),
-    fp32 elsewhere; ``"bf16"`` forces it, ``"fp32"`` keeps the ambient precision. Parameters, their gradients, BN
+    fp32 elsewhere and in official-compat mode; ``"bf16"`` forces it, ``"fp32"`` keeps the ambient precision. Parameters, their gradients, BN
     statistics and every loss stay fp32. :meth:`generator_loss`, the pass whose gradient reaches the
     enhancement network, always runs in the ambient precision (fp32 unless the caller autocasts), so the
     generator's adversarial gradient is the same in every mode. (The D's own gradient at its LSGAN loss is
@@ -266,9 +266,13 @@ class SemanticAdversarialLoss(nn.Module):
         self.official_compat = official_compat
 
     def resolved_precision(self, device: torch.device) -> Literal["fp32", "bf16"]:
-        """What ``precision`` means on ``device``: ``"auto"`` -> bf16 where :func:`native_bf16`, else fp32."""
+        """What ``precision`` means on ``device``: ``"auto"`` -> bf16 where :func:`native_bf16`, else fp32.
+
+        In official-compat mode ``"auto"`` is fp32: there the D loss is not detached from the generator
+        (as released), so the D step's passes also feed the generator's gradient.
+        """
         if self.precision == "auto":
-            return "bf16" if native_bf16(device) else "fp32"
+            return "bf16" if native_bf16(device) and not self.official_compat else "fp32"
         return self.precision
 
     def _autocast(self, x: Tensor) -> AbstractContextManager[Any]:

@@ -139,8 +139,8 @@ class SAConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="the discriminator step's passes: 'auto' = bf16 autocast where the device has native "
-        "bf16 (AVX512-BF16/AMX CPU, sm80+ GPU), else fp32; parameters, losses and the generator's "
-        "adversarial pass stay fp32",
+        "bf16 (AVX512-BF16/AMX CPU, sm80+ GPU) unless official_bugs, else fp32; parameters, losses and the "
+        "generator's adversarial pass stay fp32",
     )
 
 

@@ -497,6 +497,15 @@ def test_sa_auto_precision_follows_the_devices_native_bf16(monkeypatch, native):
     reference, sa = _sa_pair("auto")
     assert sa.resolved_precision(torch.device("cpu")) == ("bf16" if native else "fp32")
     assert reference.resolved_precision(torch.device("cpu")) == "fp32"
+    # official-compat backpropagates the D loss into G, as released: "auto" keeps that path fp32
+    compat = SemanticAdversarialLoss(official_compat=True)
+    assert compat.resolved_precision(torch.device("cpu")) == "fp32"
+    assert (
+        SemanticAdversarialLoss(official_compat=True, precision="bf16").resolved_precision(
+            torch.device("cpu")
+        )
+        == "bf16"
+    )
     seen = _conv_output_dtypes(sa.discriminator)
     fake, real, probs, _ = sa_inputs()
     got = sa.discriminator_loss(fake, real, probs).loss
