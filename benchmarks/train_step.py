@@ -465,11 +465,10 @@ def _sa_precision(args: argparse.Namespace) -> str:
     """``--sa-precision`` and, for ``auto``, what it resolves to on this device."""
     import torch
 
-    from components.losses import native_bf16
+    from components.losses import resolve_sa_precision
 
-    if args.sa_precision != "auto":
-        return args.sa_precision
-    return f"auto (-> {'bf16' if native_bf16(torch.device(args.device)) else 'fp32'})"
+    resolved = resolve_sa_precision(args.sa_precision, torch.device(args.device))
+    return args.sa_precision if args.sa_precision != "auto" else f"auto (-> {resolved})"
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ __all__ = [
     "build_sa",
     "build_sch",
     "native_bf16",
+    "resolve_sa_precision",
 ]
 
 SAPrecision = Literal["auto", "fp32", "bf16"]
@@ -50,6 +51,21 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
     return False
+
+
+def resolve_sa_precision(
+    precision: SAPrecision, device: torch.device, official_compat: bool = False
+) -> Literal["fp32", "bf16"]:
+    """What an SA ``precision`` means on ``device``: ``"auto"`` -> bf16 where :func:`native_bf16`, else fp32.
+
+    In official-compat mode ``"auto"`` is fp32: there the D loss is not detached from the generator (as
+    released), so the D step's passes also feed the generator's gradient.
+    """
+    if precision not in get_args(SAPrecision):
+        raise ValueError(f"SA precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) and not official_compat else "fp32"
+    return precision
 
 
 class SemanticColorHistogramLoss(nn.Module):
@@ -229,8 +245,8 @@ class SemanticAdversarialLoss(nn.Module):
     Precision of the D step: its six passes (two scoring, four trained) are more than half of a DRBN-SKF
     step in fp32 on a CPU. ``precision="auto"`` (default) runs them under bf16 autocast where the device
     does bf16 in hardware (:func:`native_bf16`; 2.2x faster D forward+backward on an AVX512-BF16 CPU),
-    fp32 elsewhere and in official-compat mode; ``"bf16"`` forces it, ``"fp32"`` keeps the ambient precision. Parameters, their gradients, BN
-    statistics and every loss stay fp32. :meth:`generator_loss`, the pass whose gradient reaches the
+    fp32 elsewhere and in official-compat mode; ``"bf16"`` forces it, ``"fp32"`` keeps the ambient
+    precision. Parameters, their gradients, BN statistics and every loss stay fp32. :meth:`generator_loss`, the pass whose gradient reaches the
     enhancement network, always runs in the ambient precision (fp32 unless the caller autocasts), so the
     generator's adversarial gradient is the same in every mode. (The D's own gradient at its LSGAN loss is
     very sensitive to its input: in fp32, perturbing the input by 0.4%, bf16's rounding, turns it by about
@@ -256,8 +272,7 @@ class SemanticAdversarialLoss(nn.Module):
         super().__init__()
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"SA precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        resolve_sa_precision(precision, torch.device("cpu"))  # validates the name
         self.precision = precision
         self.discriminator = Discriminator(image_channels=image_channels, num_classes=num_classes)
         self.num_classes = num_classes
@@ -266,14 +281,8 @@ class SemanticAdversarialLoss(nn.Module):
         self.official_compat = official_compat
 
     def resolved_precision(self, device: torch.device) -> Literal["fp32", "bf16"]:
-        """What ``precision`` means on ``device``: ``"auto"`` -> bf16 where :func:`native_bf16`, else fp32.
-
-        In official-compat mode ``"auto"`` is fp32: there the D loss is not detached from the generator
-        (as released), so the D step's passes also feed the generator's gradient.
-        """
-        if self.precision == "auto":
-            return "bf16" if native_bf16(device) and not self.official_compat else "fp32"
-        return self.precision
+        """:func:`resolve_sa_precision` of this loss's ``precision`` and mode on ``device``."""
+        return resolve_sa_precision(self.precision, device, self.official_compat)
 
     def _autocast(self, x: Tensor) -> AbstractContextManager[Any]:
         """bf16 autocast around a D pass on ``x``'s device when the resolved precision is bf16."""
