@@ -246,9 +246,9 @@ class SemanticAdversarialLoss(nn.Module):
     step in fp32 on a CPU. ``precision="auto"`` (default) runs them under bf16 autocast where the device
     does bf16 in hardware (:func:`native_bf16`; 2.2x faster D forward+backward on an AVX512-BF16 CPU),
     fp32 elsewhere and in official-compat mode; ``"bf16"`` forces it, ``"fp32"`` keeps the ambient
-    precision. Parameters, their gradients, BN statistics and every loss stay fp32. :meth:`generator_loss`, the pass whose gradient reaches the
-    enhancement network, always runs in the ambient precision (fp32 unless the caller autocasts), so the
-    generator's adversarial gradient is the same in every mode. (The D's own gradient at its LSGAN loss is
+    precision. Parameters, their gradients, BN statistics and every loss stay fp32. :meth:`generator_loss`,
+    the pass whose gradient reaches the enhancement network, always runs in the ambient precision (fp32
+    unless the caller autocasts), so the generator's adversarial gradient is the same in every mode. (The D's own gradient at its LSGAN loss is
     very sensitive to its input: in fp32, perturbing the input by 0.4%, bf16's rounding, turns it by about
     as much as bf16 autocast does; the D learns at 1/1000 of the generator's rate.)
 

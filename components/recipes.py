@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.baseline_losses import BASELINE_LOSSES
+from components.losses import SAPrecision
 
 __all__ = [
     "RECIPES_DIR",
@@ -136,7 +137,7 @@ class SAConfig(_Strict):
     global_weight: float = Field(0.9, ge=0, le=1, description="λ between global and local D terms")
     d_lr_ratio: float = Field(1e-3, gt=0, description="discriminator lr = generator lr × this")
     official_bugs: bool = Field(False, description="reproduce the released mask aliasing / untrained conv0")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: SAPrecision = Field(
         "auto",
         description="the discriminator step's passes: 'auto' = bf16 autocast where the device has native "
         "bf16 (AVX512-BF16/AMX CPU, sm80+ GPU) unless official_bugs, else fp32; parameters, losses and the "
