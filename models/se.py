@@ -93,22 +93,18 @@ def _phase_classes(factor: int) -> tuple[tuple[tuple[int, ...], ...], tuple[tupl
 
 
 @functools.lru_cache(maxsize=16)
-def _phase_tables(factor: int) -> tuple[list[list[list[float]]], list[int], list[float]]:
-    """As lists: ``taps`` (class, tap, offset+1: one-hot), each phase's class, each class's size."""
+def _phase_tables(factor: int) -> tuple[list[list[list[float]]], list[list[float]], list[float]]:
+    """As lists: ``taps`` (class, tap, offset+1: one-hot), ``members`` (class, phase: 1 where the phase
+    belongs to the class), each class's size."""
     phases, offsets = _phase_classes(factor)
     taps = [[[1.0 if o + 1 == col else 0.0 for col in range(3)] for o in offs] for offs in offsets]
-    class_of = [next(c for c, group in enumerate(phases) if a in group) for a in range(factor)]
-    return taps, class_of, [float(len(group)) for group in phases]
+    members = [[1.0 if a in group else 0.0 for a in range(factor)] for group in phases]
+    return taps, members, [float(len(group)) for group in phases]
 
 
 def _phase_matrices(factor: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_phase_tables` as tensors on ``like``'s device: taps (n×3×3), class of each phase, sizes."""
-    taps, class_of, sizes = _phase_tables(factor)
-    return (
-        torch.tensor(taps, dtype=like.dtype, device=like.device),
-        torch.tensor(class_of, dtype=torch.long, device=like.device),
-        torch.tensor(sizes, dtype=like.dtype, device=like.device),
-    )
+    """:func:`_phase_tables` as tensors of ``like``'s dtype and device: taps (n×3×3), members (n×f), sizes."""
+    return tuple(torch.tensor(t, dtype=like.dtype, device=like.device) for t in _phase_tables(factor))  # type: ignore[return-value]
 
 
 def _upsample_factor(host: tuple[int, int], prior: tuple[int, int]) -> int | None:
@@ -194,22 +190,6 @@ class TransposedCrossAttention(nn.Module):
         count = (sizes[:, None] * sizes[None, :]).flatten().repeat(h * w)  # (i, j, r, s) order
         return torch.stack(outs, dim=3).reshape(b, h * w * n * n, c), count
 
-    @staticmethod
-    def _pooled_key(k: Tensor, factor: int) -> Tensor:
-        """K summed over each phase class of every f×f block: B×L×C in the query's (i, j, r, s) order."""
-        px = _pixels(k)
-        if factor == 1:
-            return px.flatten(1, 2)
-        b, hh, ww, c = px.shape
-        h, w = hh // factor, ww // factor
-        _, class_of, sizes = _phase_matrices(factor, k)
-        n = sizes.shape[0]  # from the table's shape: no device sync
-        # index_add over the phase axes: its backward is a cheap gather (an einsum here costs 4x more)
-        blocks = px.unflatten(1, (h, factor)).unflatten(3, (w, factor))  # a view, no copy
-        rows = blocks.new_zeros(b, h, n, w, factor, c).index_add(2, class_of, blocks)
-        pooled = rows.new_zeros(b, h, n, w, n, c).index_add(4, class_of, rows)
-        return pooled.permute(0, 1, 3, 2, 4, 5).reshape(b, -1, c)
-
     def forward(self, x: Tensor, sem: Tensor, factor: int = 1) -> Tensor:
         b, c, h, w = x.shape
         d = c // self.heads
@@ -217,22 +197,95 @@ class TransposedCrossAttention(nn.Module):
         q, count = self._query(sem, factor)  # convs under autocast like the key's; the products below in fp32
         dtype = _at_least_fp32(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            q = q.to(dtype)
-            k32 = k.to(dtype)
-            key = self._pooled_key(k32, factor)
-            gram = q.transpose(1, 2) @ key  # B×C×C, only the per-head diagonal blocks are used
-            gram = gram.view(b, self.heads, d, self.heads, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-            q_norm = (q if count is None else q * count[:, None].sqrt()).norm(dim=1)
-            q_norm = q_norm.clamp_min(1e-12).view(b, self.heads, d, 1)
-            k_norm = _pixels(k32).norm(dim=(1, 2)).clamp_min(1e-12).view(b, self.heads, 1, d)
-            attn = (gram / (q_norm * k_norm) * self.temperature.to(dtype)).softmax(dim=-1)
+            cosine = _ChannelCosine.apply(q.to(dtype), count, k.to(dtype), factor)  # B×C×C
+            # only the per-head diagonal blocks are attention logits
+            logits = cosine.view(b, self.heads, d, self.heads, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+            attn = (logits * self.temperature.to(dtype)).softmax(dim=-1)
         # out[p, head·d + i] = Σ_j attn[head, i, j] v[p, head·d + j] is a block-diagonal C×C matrix per image;
         # the 1×1 project_out after it folds into that matrix, so one matmul does both (no conv, no copy)
         eye = torch.eye(self.heads, dtype=attn.dtype, device=attn.device)
         mix = torch.einsum("bhij,hg->bhigj", attn, eye).reshape(b, c, c)
-        mix = self.project_out.weight.view(c, c).to(mix.dtype) @ mix
-        out = _pixels(v).reshape(b, h * w, c) @ mix.transpose(1, 2).to(v.dtype)
+        mix = (self.project_out.weight.view(c, c).to(mix.dtype) @ mix).transpose(1, 2).to(v.dtype)
+        out = _pixels(v).reshape(b, h * w, c) @ mix
         return out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _pool_phases(k: Tensor, factor: int) -> Tensor:
+    """The full-resolution key (B×C×H×W, channels-last) summed over each phase class of every f×f block:
+    B×L×C in the query's (i, j, r, s) order (:meth:`TransposedCrossAttention._query`).
+
+    Both sums are small matmuls with the class-membership matrix over a phase axis (twice as fast as
+    ``index_add`` here, and :func:`_unpool_phases` is the same with its transpose).
+    """
+    px = _pixels(k)
+    if factor == 1:
+        return px.flatten(1, 2)
+    b, hh, ww, c = px.shape
+    h, w = hh // factor, ww // factor
+    members = _phase_matrices(factor, k)[1]
+    n = members.shape[0]
+    rows = members @ px.reshape(b * h, factor, w * factor * c)  # (b·i)×r×(j, col phase, c)
+    pooled = members @ rows.view(b * h * n * w, factor, c)  # (b·i·r·j)×s×c
+    return pooled.view(b, h, n, w, n, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, c)
+
+
+def _unpool_phases(grad: Tensor, factor: int, shape: torch.Size) -> Tensor:
+    """Adjoint of :func:`_pool_phases`: each entry's value copied to the pixels it sums, B×H×W×C."""
+    b, _, hh, ww = shape
+    c = grad.shape[-1]
+    if factor == 1:
+        return grad.reshape(b, hh, ww, c)
+    h, w = hh // factor, ww // factor
+    spread = _phase_matrices(factor, grad)[1].t()
+    n = spread.shape[1]
+    classes = grad.view(b, h, w, n, n, c).permute(0, 1, 3, 2, 4, 5).reshape(b * h * n * w, n, c)
+    cols = spread @ classes  # (b·i·r·j)×(col phase)×c
+    return (spread @ cols.view(b * h, n, w * factor * c)).view(b, hh, ww, c)
+
+
+class _ChannelCosine(torch.autograd.Function):
+    """Cosine similarity of every query channel with every key channel over the full-resolution pixels.
+
+    ``q`` is B×L×C: one row per pooled entry (low-res pixel and phase-class pair) standing for ``count[l]``
+    identical full-resolution pixels (``count`` None: one each); ``k`` is the B×C×H×W key. Returns
+    ``cos[b, i, j] = Σ_p Q[p, i] K[p, j] / (‖Q_i‖ ‖K_j‖)`` (norms clamped at 1e-12 like ``F.normalize``),
+    with ``Σ_p Q K`` computed as ``qᵀ`` times the key pooled over the same entries.
+
+    A hand-written backward because autograd's costs several full-resolution passes more: the key gets its
+    gradient as one gathered map plus one fused multiply-add (not a norm backward, a masked fill and an
+    accumulation), the query as one multiply-add into a GEMM, both contiguous (autograd hands the matmul's
+    gradient back transposed, and adding that strided tensor into the norm's ran ~5x slower).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, count: Tensor | None, k: Tensor, factor: int) -> Tensor:  # type: ignore[override]
+        key = _pool_phases(k, factor)
+        gram = torch.bmm(q.transpose(1, 2), key)
+        q_sq = (q * q if count is None else q * q * count[:, None]).sum(dim=1)
+        k_sq = _pixels(k).square().sum(dim=(1, 2))
+        q_norm, k_norm = q_sq.sqrt().clamp_min(1e-12), k_sq.sqrt().clamp_min(1e-12)
+        cosine = gram / (q_norm[:, :, None] * k_norm[:, None, :])
+        ctx.factor = factor
+        ctx.save_for_backward(q, count, k, key, cosine, q_norm, k_norm)
+        return cosine
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        q, count, k, key, cosine, q_norm, k_norm = ctx.saved_tensors
+        d_gram = grad / (q_norm[:, :, None] * k_norm[:, None, :])
+        weighted = grad * cosine
+        # d‖Q_i‖ = -Σ_j g_ij cos_ij / ‖Q_i‖ and ∂‖Q_i‖/∂q_li = count_l q_li / ‖Q_i‖ (zero where clamped)
+        q_scale = torch.where(q_norm > 1e-12, -weighted.sum(dim=2) / q_norm.square(), 0.0)
+        k_scale = torch.where(k_norm > 1e-12, -weighted.sum(dim=1) / k_norm.square(), 0.0)
+        grad_q = grad_k = None
+        if ctx.needs_input_grad[0]:
+            scale = q_scale[:, None, :] if count is None else count[:, None] * q_scale[:, None, :]
+            grad_q = torch.baddbmm(q * scale, key, d_gram.transpose(1, 2))
+        if ctx.needs_input_grad[2]:
+            full = _unpool_phases(torch.bmm(q, d_gram), ctx.factor, k.shape)
+            full = full.addcmul_(_pixels(k), k_scale[:, None, None, :])
+            grad_k = full.permute(0, 3, 1, 2)
+        return grad_q, None, grad_k, None
 
 
 class GatedDConvFeedForward(nn.Module):

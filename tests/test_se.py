@@ -289,3 +289,72 @@ def test_split_pointwise_depthwise_equals_the_joint_convs_and_gives_dense_halves
     (b1.square().sum() + b2.sum()).backward()
     torch.testing.assert_close(split_grads[0], pointwise.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(split_grads[1], depthwise.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sem_size", [(6, 10), (3, 5)], ids=["same-size", "half-size"])
+@pytest.mark.parametrize(
+    ("ffn", "gelu", "approximate"), [("gdfn", "tanh", "tanh"), ("dual-gated", "exact", "none")]
+)
+def test_gradients_match_spec_reference(sem_size, ffn, gelu, approximate):
+    """The hand-written attention backward (and the low-resolution prior path) give autograd's gradients
+    of the plain §2.1 transcription, for both inputs and every parameter."""
+    torch.manual_seed(3)
+    se = SemanticEmbedding(12, 8, ffn=ffn, gelu=gelu).double()
+    _randomise(se)
+    x = torch.randn(2, 8, 6, 10, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 12, *sem_size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 8, 6, 10, dtype=torch.float64)
+    (se(x, s) * weight).sum().backward()
+    fast = _grads(se, x, s)
+    for t in (x, s, *se.parameters()):
+        t.grad = None
+    (_reference(se, x, s, approximate) * weight).sum().backward()
+    for got, want in zip(fast, _grads(se, x, s), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def _cosine_by_autograd(q, count, k, factor):
+    """The channel cosine left to autograd: clamped norms (as ``F.normalize``) and a matmul."""
+    from models.se import _pool_phases
+
+    q_sq = (q * q * (1.0 if count is None else count[:, None])).sum(1)
+    gram = q.transpose(1, 2) @ _pool_phases(k, factor)
+    q_norm = q_sq.sqrt().clamp_min(1e-12)
+    k_norm = k.flatten(2).norm(dim=-1).clamp_min(1e-12)
+    return gram / (q_norm[:, :, None] * k_norm[:, None, :])
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_channel_cosine_backward_passes_gradcheck(factor):
+    from models.se import _ChannelCosine, _phase_matrices
+
+    torch.manual_seed(factor)
+    h, w = 2, 3
+    sizes = _phase_matrices(factor, torch.empty(0, dtype=torch.float64))[2]
+    n = sizes.numel()
+    count = None if factor == 1 else (sizes[:, None] * sizes[None, :]).flatten().repeat(h * w)
+    rows = h * w * (1 if factor == 1 else n * n)
+    q = torch.randn(2, rows, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, h * factor, w * factor, dtype=torch.float64)
+    k = k.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k: _ChannelCosine.apply(q, count, k, factor), (q, k))
+
+
+def test_channel_cosine_of_an_all_zero_channel_matches_autograd_clamping():
+    """A dead key channel (all zeros) gives cosine 0 and the same gradients as clamped norms under autograd."""
+    from models.se import _ChannelCosine
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 12, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, 3, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    k[:, 1] = 0.0
+    k.requires_grad_()
+    grad = torch.randn(2, 4, 4, dtype=torch.float64)
+    got = _ChannelCosine.apply(q, None, k, 1)
+    assert (got[:, :, 1] == 0).all()
+    got_grads = torch.autograd.grad(got, (q, k), grad)
+    want = _cosine_by_autograd(q, None, k, 1)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, torch.autograd.grad(want, (q, k), grad), strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
