@@ -251,7 +251,9 @@ class SNRNet(nn.Module):
         fea_light = self.recon_trunk_light(fea)
 
         mask = F.interpolate(mask, size=fea.shape[-2:], mode="nearest")
-        fea = self._long_range(fea, mask) * (1 - mask) + fea_light * mask
+        # F.fold returns NCHW: back to the working layout, or the whole decoder (and the SE blocks' inputs)
+        # would run in NCHW and pay layout copies
+        fea = working_layout(self._long_range(fea, mask) * (1 - mask) + fea_light * mask, self.channels_last)
 
         out = self.recon_trunk(fea)
         if priors is not None:

@@ -13,6 +13,7 @@ from components.baselines import load_official_weights
 from components.checkpoints import StateDictMismatchError
 from components.registry import available, create
 from models.drbn import DRBN
+from models.se import SemanticEmbedding
 from models.snr_net import MultiHeadSelfAttention, SNRNet, box_blur, snr_mask
 
 torch.set_num_threads(1)
@@ -94,6 +95,35 @@ def test_channels_last_inside_gives_the_nchw_results_and_nchw_outputs(network: s
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(outs[0][1], outs[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("network", ["drbn", "snr-net"])
+def test_channels_last_networks_stay_channels_last_through_every_conv_and_se_block(network: str) -> None:
+    """Every conv and SE block of a channels-last network gets channels-last input: one NCHW stage (SNR's
+    F.fold returns NCHW) would send the rest of the decoder down oneDNN's slower NCHW path and make each
+    SE block pay layout copies in both passes."""
+    h, w = 48, 40
+    torch.manual_seed(0)
+    if network == "drbn":
+        model, sem = DRBN(seg=True, channels_last=True), drbn_sem(2, h, w)
+    else:
+        model, sem = SNRNet(seg=True, channels_last=True, **SNR_SMALL), snr_sem(2, h, w)
+    nchw: list[str] = []
+
+    def record(name: str):
+        def hook(_module, args):
+            x = args[0]
+            if x.dim() == 4 and x.shape[1] > 3 and not x.is_contiguous(memory_format=torch.channels_last):
+                nchw.append(name)
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, SemanticEmbedding)):
+            module.register_forward_pre_hook(record(name))
+    with torch.no_grad():
+        model(torch.rand(2, 3, h, w), sem) if network == "drbn" else model(torch.rand(2, 3, h, w), sem=sem)
+    assert nchw == []
 
 
 def test_drbn_skf_off_has_no_se_params_and_on_has_exactly_the_spec_counts() -> None:
