@@ -165,7 +165,8 @@ class TransposedCrossAttention(nn.Module):
         self.project_out = nn.Conv2d(channels, channels, 1, bias=False)
 
     def _query(self, sem: Tensor, factor: int) -> tuple[Tensor, Tensor | None]:
-        """Q per (low-res pixel, row class, column class): B×L×C, and each entry's pixel count (L)."""
+        """Q per (low-res row, row class, low-res column, column class): B×L×C, and each entry's pixel
+        count (L); for ``factor`` 1 one entry per pixel and no counts."""
         q = self.q(sem)
         weight = self.q_dwconv.weight
         if factor == 1:
@@ -187,8 +188,10 @@ class TransposedCrossAttention(nn.Module):
                 window = padded[:, :, r0 : r0 + h + r1 - r0 - 1, c0 : c0 + w + c1 - c0 - 1]
                 outs.append(_pixels(F.conv2d(window, collapsed[r, s_, :, :, r0:r1, c0:c1])))
         n = len(offsets)
-        count = (sizes[:, None] * sizes[None, :]).flatten().repeat(h * w)  # (i, j, r, s) order
-        return torch.stack(outs, dim=3).reshape(b, h * w * n * n, c), count
+        # (i, r, j, s) order: the order in which _pool_phases' matmuls leave the pooled key (no transpose)
+        q = torch.stack([torch.stack(outs[r * n : (r + 1) * n], dim=3) for r in range(n)], dim=2)
+        count = (sizes[:, None, None] * sizes[None, None, :]).expand(n, w, n).flatten().repeat(h)
+        return q.view(b, h * n * w * n, c), count
 
     def forward(self, x: Tensor, sem: Tensor, factor: int = 1) -> Tensor:
         b, c, h, w = x.shape
@@ -212,7 +215,7 @@ class TransposedCrossAttention(nn.Module):
 
 def _pool_phases(k: Tensor, factor: int) -> Tensor:
     """The full-resolution key (B×C×H×W, channels-last) summed over each phase class of every f×f block:
-    B×L×C in the query's (i, j, r, s) order (:meth:`TransposedCrossAttention._query`).
+    B×L×C in the query's (i, r, j, s) order (:meth:`TransposedCrossAttention._query`).
 
     Both sums are small matmuls with the class-membership matrix over a phase axis (twice as fast as
     ``index_add`` here, and :func:`_unpool_phases` is the same with its transpose).
@@ -226,7 +229,7 @@ def _pool_phases(k: Tensor, factor: int) -> Tensor:
     n = members.shape[0]
     rows = members @ px.reshape(b * h, factor, w * factor * c)  # (b·i)×r×(j, col phase, c)
     pooled = members @ rows.view(b * h * n * w, factor, c)  # (b·i·r·j)×s×c
-    return pooled.view(b, h, n, w, n, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, c)
+    return pooled.view(b, -1, c)
 
 
 def _unpool_phases(grad: Tensor, factor: int, shape: torch.Size) -> Tensor:
@@ -238,8 +241,7 @@ def _unpool_phases(grad: Tensor, factor: int, shape: torch.Size) -> Tensor:
     h, w = hh // factor, ww // factor
     spread = _phase_matrices(factor, grad)[1].t()
     n = spread.shape[1]
-    classes = grad.view(b, h, w, n, n, c).permute(0, 1, 3, 2, 4, 5).reshape(b * h * n * w, n, c)
-    cols = spread @ classes  # (b·i·r·j)×(col phase)×c
+    cols = spread @ grad.reshape(b * h * n * w, n, c)  # (b·i·r·j)×(col phase)×c
     return (spread @ cols.view(b * h, n, w * factor * c)).view(b, hh, ww, c)
 
 

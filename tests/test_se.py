@@ -332,7 +332,11 @@ def test_channel_cosine_backward_passes_gradcheck(factor):
     h, w = 2, 3
     sizes = _phase_matrices(factor, torch.empty(0, dtype=torch.float64))[2]
     n = sizes.numel()
-    count = None if factor == 1 else (sizes[:, None] * sizes[None, :]).flatten().repeat(h * w)
+    count = (
+        None
+        if factor == 1
+        else (sizes[:, None, None] * sizes[None, None, :]).expand(n, w, n).flatten().repeat(h)
+    )
     rows = h * w * (1 if factor == 1 else n * n)
     q = torch.randn(2, rows, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 4, h * factor, w * factor, dtype=torch.float64)
