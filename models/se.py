@@ -14,9 +14,10 @@ blocks. Everything per-pixel on it (``conv1``, ``norm1``, ``q``, ``norm2``, ``pr
 the prior's resolution, and the full 3×3 ``q_dwconv`` of the upsampled map is rewritten exactly as a
 3×3 conv at low resolution with one collapsed kernel per *phase class* (first / interior / last row and
 column of a block, :func:`_phase_classes`). The query never exists at full resolution: its Gram product
-with the key only needs the key summed over each phase class; ``project_out`` folds into the attention
-matrix. The block runs channels-last inside, where
-the per-pixel LayerNorm needs no transposing copies.
+with the key only needs the key summed over each phase class (small membership matmuls), and that
+normalised product has a hand-written backward (:class:`_ChannelCosine`); ``project_out`` folds into the
+attention matrix. The block runs channels-last inside, where the per-pixel LayerNorm needs no
+transposing copies.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 FFNKind = Literal["gdfn", "dual-gated"]
 GeluKind = Literal["exact", "tanh"]
@@ -200,7 +202,7 @@ class TransposedCrossAttention(nn.Module):
         q, count = self._query(sem, factor)  # convs under autocast like the key's; the products below in fp32
         dtype = _at_least_fp32(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            cosine = _ChannelCosine.apply(q.to(dtype), count, k.to(dtype), factor)  # B×C×C
+            cosine = channel_cosine(q.to(dtype), count, k.to(dtype), factor)  # B×C×C
             # only the per-head diagonal blocks are attention logits
             logits = cosine.view(b, self.heads, d, self.heads, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
             attn = (logits * self.temperature.to(dtype)).softmax(dim=-1)
@@ -245,6 +247,26 @@ def _unpool_phases(grad: Tensor, factor: int, shape: torch.Size) -> Tensor:
     return (spread @ cols.view(b * h, n, w * factor * c)).view(b, hh, ww, c)
 
 
+def _cosine_parts(
+    q: Tensor, count: Tensor | None, k: Tensor, factor: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward of :class:`_ChannelCosine`: the cosine, the pooled key and both clamped norms."""
+    key = _pool_phases(k, factor)
+    gram = torch.bmm(q.transpose(1, 2), key)
+    q_sq = (q * q if count is None else q * q * count[:, None]).sum(dim=1)
+    k_sq = _pixels(k).square().sum(dim=(1, 2))
+    q_norm, k_norm = q_sq.sqrt().clamp_min(1e-12), k_sq.sqrt().clamp_min(1e-12)
+    return gram / (q_norm[:, :, None] * k_norm[:, None, :]), key, q_norm, k_norm
+
+
+def channel_cosine(q: Tensor, count: Tensor | None, k: Tensor, factor: int) -> Tensor:
+    """:class:`_ChannelCosine` where a gradient is wanted; the same forward as plain ops otherwise, so
+    inference, TorchScript tracing and ONNX export see only standard operators."""
+    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        return _cosine_parts(q, count, k, factor)[0]
+    return _ChannelCosine.apply(q, count, k, factor)
+
+
 class _ChannelCosine(torch.autograd.Function):
     """Cosine similarity of every query channel with every key channel over the full-resolution pixels.
 
@@ -261,17 +283,13 @@ class _ChannelCosine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, count: Tensor | None, k: Tensor, factor: int) -> Tensor:  # type: ignore[override]
-        key = _pool_phases(k, factor)
-        gram = torch.bmm(q.transpose(1, 2), key)
-        q_sq = (q * q if count is None else q * q * count[:, None]).sum(dim=1)
-        k_sq = _pixels(k).square().sum(dim=(1, 2))
-        q_norm, k_norm = q_sq.sqrt().clamp_min(1e-12), k_sq.sqrt().clamp_min(1e-12)
-        cosine = gram / (q_norm[:, :, None] * k_norm[:, None, :])
+        cosine, key, q_norm, k_norm = _cosine_parts(q, count, k, factor)
         ctx.factor = factor
         ctx.save_for_backward(q, count, k, key, cosine, q_norm, k_norm)
         return cosine
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         q, count, k, key, cosine, q_norm, k_norm = ctx.saved_tensors
         d_gram = grad / (q_norm[:, :, None] * k_norm[:, None, :])
