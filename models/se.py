@@ -202,7 +202,7 @@ class TransposedCrossAttention(nn.Module):
         q, count = self._query(sem, factor)  # convs under autocast like the key's; the products below in fp32
         dtype = _at_least_fp32(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            cosine = channel_cosine(q.to(dtype), count, k.to(dtype), factor)  # B×C×C
+            cosine = _channel_cosine(q.to(dtype), count, k.to(dtype), factor)  # B×C×C
             # only the per-head diagonal blocks are attention logits
             logits = cosine.view(b, self.heads, d, self.heads, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
             attn = (logits * self.temperature.to(dtype)).softmax(dim=-1)
@@ -259,7 +259,7 @@ def _cosine_parts(
     return gram / (q_norm[:, :, None] * k_norm[:, None, :]), key, q_norm, k_norm
 
 
-def channel_cosine(q: Tensor, count: Tensor | None, k: Tensor, factor: int) -> Tensor:
+def _channel_cosine(q: Tensor, count: Tensor | None, k: Tensor, factor: int) -> Tensor:
     """:class:`_ChannelCosine` where a gradient is wanted; the same forward as plain ops otherwise, so
     inference, TorchScript tracing and ONNX export see only standard operators."""
     if torch.jit.is_tracing() or not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
@@ -276,7 +276,7 @@ class _ChannelCosine(torch.autograd.Function):
     with ``Σ_p Q K`` computed as ``qᵀ`` times the key pooled over the same entries.
 
     A hand-written backward because autograd's costs several full-resolution passes more: the key gets its
-    gradient as one gathered map plus one fused multiply-add (not a norm backward, a masked fill and an
+    gradient as one spread (unpooled) map plus one fused multiply-add (not a norm backward, a masked fill and an
     accumulation), the query as one multiply-add into a GEMM, both contiguous (autograd hands the matmul's
     gradient back transposed, and adding that strided tensor into the norm's ran ~5x slower).
     """
