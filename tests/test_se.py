@@ -314,7 +314,9 @@ def test_gradients_match_spec_reference(sem_size, ffn, gelu, approximate):
 
 
 def _cosine_by_autograd(q, count, k, factor):
-    """The channel cosine left to autograd: clamped norms (as ``F.normalize``) and a matmul."""
+    """The channel cosine left to autograd: clamped norms (as ``F.normalize``) and a matmul. Not
+    ``models.se._cosine_parts``: its ``sqrt`` of a zero sum of squares has an infinite derivative, so
+    autograd through it gives NaN on a dead channel (only the hand-written backward differentiates it)."""
     from models.se import _pool_phases
 
     q_sq = (q * q * (1.0 if count is None else count[:, None])).sum(1)
