@@ -53,6 +53,11 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def _check_sa_precision(precision: str) -> None:
+    if precision not in get_args(SAPrecision):
+        raise ValueError(f"SA precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+
+
 def resolve_sa_precision(
     precision: SAPrecision, device: torch.device, official_compat: bool = False
 ) -> Literal["fp32", "bf16"]:
@@ -61,8 +66,7 @@ def resolve_sa_precision(
     In official-compat mode ``"auto"`` is fp32: there the D loss is not detached from the generator (as
     released), so the D step's passes also feed the generator's gradient.
     """
-    if precision not in get_args(SAPrecision):
-        raise ValueError(f"SA precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    _check_sa_precision(precision)
     if precision == "auto":
         return "bf16" if native_bf16(device) and not official_compat else "fp32"
     return precision
@@ -248,9 +252,10 @@ class SemanticAdversarialLoss(nn.Module):
     fp32 elsewhere and in official-compat mode; ``"bf16"`` forces it, ``"fp32"`` keeps the ambient
     precision. Parameters, their gradients, BN statistics and every loss stay fp32. :meth:`generator_loss`,
     the pass whose gradient reaches the enhancement network, always runs in the ambient precision (fp32
-    unless the caller autocasts), so the generator's adversarial gradient is the same in every mode. (The D's own gradient at its LSGAN loss is
-    very sensitive to its input: in fp32, perturbing the input by 0.4%, bf16's rounding, turns it by about
-    as much as bf16 autocast does; the D learns at 1/1000 of the generator's rate.)
+    unless the caller autocasts), so the generator's adversarial gradient is the same in every mode. (The
+    D's own gradient at its LSGAN loss is very sensitive to its input: in fp32, perturbing the input by
+    0.4%, bf16's rounding, turns it by about as much as bf16 autocast does; the D learns at 1/1000 of the
+    generator's rate.)
 
     Args:
         num_classes: channels of ``probs`` (59).
@@ -272,7 +277,7 @@ class SemanticAdversarialLoss(nn.Module):
         super().__init__()
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {lam}")
-        resolve_sa_precision(precision, torch.device("cpu"))  # validates the name
+        _check_sa_precision(precision)
         self.precision = precision
         self.discriminator = Discriminator(image_channels=image_channels, num_classes=num_classes)
         self.num_classes = num_classes

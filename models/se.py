@@ -109,6 +109,13 @@ def _phase_matrices(factor: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.tensor(t, dtype=like.dtype, device=like.device) for t in _phase_tables(factor))  # type: ignore[return-value]
 
 
+def _entry_counts(sizes: Tensor, h: int, w: int) -> Tensor:
+    """Full-resolution pixels behind each query entry in (i, r, j, s) order: |class r| · |class s|, for an
+    h×w prior with phase-class ``sizes``."""
+    n = sizes.shape[0]
+    return (sizes[:, None, None] * sizes[None, None, :]).expand(n, w, n).flatten().repeat(h)
+
+
 def _upsample_factor(host: tuple[int, int], prior: tuple[int, int]) -> int | None:
     """The integer ``f`` with ``host == f·prior`` on both axes (nearest upsampling by ``f``), else None."""
     (h, w), (hs, ws) = host, prior
@@ -192,8 +199,7 @@ class TransposedCrossAttention(nn.Module):
         n = len(offsets)
         # (i, r, j, s) order: the order in which _pool_phases' matmuls leave the pooled key (no transpose)
         q = torch.stack([torch.stack(outs[r * n : (r + 1) * n], dim=3) for r in range(n)], dim=2)
-        count = (sizes[:, None, None] * sizes[None, None, :]).expand(n, w, n).flatten().repeat(h)
-        return q.view(b, h * n * w * n, c), count
+        return q.view(b, h * n * w * n, c), _entry_counts(sizes, h, w)
 
     def forward(self, x: Tensor, sem: Tensor, factor: int = 1) -> Tensor:
         b, c, h, w = x.shape

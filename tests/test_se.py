@@ -328,17 +328,13 @@ def _cosine_by_autograd(q, count, k, factor):
 
 @pytest.mark.parametrize("factor", [1, 2, 4])
 def test_channel_cosine_backward_passes_gradcheck(factor):
-    from models.se import _ChannelCosine, _phase_matrices
+    from models.se import _ChannelCosine, _entry_counts, _phase_matrices
 
     torch.manual_seed(factor)
     h, w = 2, 3
     sizes = _phase_matrices(factor, torch.empty(0, dtype=torch.float64))[2]
     n = sizes.numel()
-    count = (
-        None
-        if factor == 1
-        else (sizes[:, None, None] * sizes[None, None, :]).expand(n, w, n).flatten().repeat(h)
-    )
+    count = None if factor == 1 else _entry_counts(sizes, h, w)
     rows = h * w * (1 if factor == 1 else n * n)
     q = torch.randn(2, rows, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 4, h * factor, w * factor, dtype=torch.float64)
