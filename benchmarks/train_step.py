@@ -19,7 +19,9 @@ isolation (forward + backward, SA incl. the D optimiser step) for the component 
 ``--memory`` every variant is re-run in a fresh child process for its peak RSS (``VmHWM``). ``--layout``
 picks the networks' internal memory layout for every variant (default ``auto``: as built, channels-last on
 CPU and NCHW on CUDA); ``--sa-precision`` the DRBN-SKF discriminator step's (recipe ``skf.sa.precision``,
-default ``auto``: bf16 autocast where the device has native bf16, e.g. an AVX512-BF16 CPU).
+default ``auto``: bf16 autocast where the device has native bf16, e.g. an AVX512-BF16 CPU); ``--cpu-kernels``
+whether the SE blocks' fused CPU ops are built and used (default ``auto``, as the training engine does on CPU;
+``off`` keeps the eager ops).
 
     python benchmarks/train_step.py --threads 2 --malloc jemalloc --memory \\
         --json bench.json --markdown bench.md
@@ -314,6 +316,7 @@ def peaks(model: str, variants: list[str], args: argparse.Namespace) -> dict[str
     for v in variants:
         cmd = [sys.executable, __file__, "--child", f"{model}:{v}", "--threads", str(args.threads)]
         cmd += ["--malloc", args.malloc, "--layout", args.layout, "--sa-precision", args.sa_precision]
+        cmd += ["--cpu-kernels", args.cpu_kernels]
         proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
         out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"  [{model}] peak RSS {v}: {out[v]['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
@@ -380,7 +383,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{env['threads']} threads, {env['malloc_desc']}; load average before/after "
         f"{env['load_before']} / {env['load_after']}; {env['warmup']} warm-up + {env['steps']} timed "
         f"rounds ({env['online_steps']} for variant c), variants interleaved; networks "
-        f"{env.get('layout', 'auto')} inside; DRBN-SKF discriminator step {env.get('sa_precision', 'fp32')}.",
+        f"{env.get('layout', 'auto')} inside; DRBN-SKF discriminator step {env.get('sa_precision', 'fp32')}; "
+        f"SE CPU ops {env.get('cpu_kernels', 'eager')}.",
         "",
         "| model (batch x crop) | variant | median step (wall) | CPU time | x plain (wall) | x plain (CPU) "
         "| fastest step | x plain (fastest) | peak RSS |",
@@ -463,7 +467,17 @@ def _env(args: argparse.Namespace) -> dict[str, Any]:
         "online_steps": min(args.online_steps, args.steps),
         "layout": args.layout,
         "sa_precision": _sa_precision(args),
+        "cpu_kernels": _cpu_kernels(args),
     }
+
+
+def _cpu_kernels(args: argparse.Namespace) -> str:
+    """Whether the SE blocks ran the fused CPU ops (``components.cpu_kernels``) or eager ones."""
+    from components import cpu_kernels
+
+    if args.device != "cpu":
+        return "n/a"
+    return "compiled" if cpu_kernels.available() else f"eager ({args.cpu_kernels})"
 
 
 def _sa_precision(args: argparse.Namespace) -> str:
@@ -491,6 +505,9 @@ def main() -> None:
     ap.add_argument(
         "--sa-precision", choices=SA_PRECISIONS, default="auto", help="DRBN-SKF discriminator step precision"
     )
+    ap.add_argument(
+        "--cpu-kernels", choices=("auto", "off"), default="auto", help="fused CPU ops of the SE blocks"
+    )
     ap.add_argument("--no-shares", action="store_true", help="skip the SE/SCH/SA component timings")
     ap.add_argument("--memory", action="store_true", help="peak RSS per variant in fresh processes")
     ap.add_argument("--json", type=Path, help="write the full report here")
@@ -504,6 +521,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.cpu_kernels == "auto" and args.device == "cpu":
+        from components import cpu_kernels
+
+        cpu_kernels.load()
     if args.child:
         model, variant = args.child.split(":")
         print(json.dumps(child_peak(model, variant)))

@@ -17,7 +17,9 @@ column of a block, :func:`_phase_classes`). The query never exists at full resol
 with the key only needs the key summed over each phase class (small membership matmuls), and that
 normalised product has a hand-written backward (:class:`_ChannelCosine`); ``project_out`` folds into the
 attention matrix. The block runs channels-last inside, where the per-pixel LayerNorm needs no
-transposing copies.
+transposing copies. The feed-forward's GELU gate (:func:`gelu_gate`) runs as one fused pass each way on
+CPU when ``components.cpu_kernels`` has registered ``torch.ops.skf.gelu_gate`` (built on first use), and
+as the equivalent eager ops otherwise.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "SemanticEmbedding",
     "SemanticEmbeddingBottleneck",
     "TransposedCrossAttention",
+    "gelu_gate",
 ]
 
 
@@ -143,9 +146,214 @@ def _pointwise_then_depthwise(x: Tensor, pointwise: nn.Conv2d, depthwise: nn.Con
     """
     outs = []
     for w_point, w_depth in zip(pointwise.weight.chunk(2), depthwise.weight.chunk(2), strict=True):
-        mid = F.conv2d(x, w_point)
+        mid = _pointwise(x, w_point)
         outs.append(F.conv2d(mid, w_depth, padding=depthwise.padding, groups=w_depth.shape[0]))
     return outs[0], outs[1]
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_cpu_ops: dict[str, object] = {}
+
+
+def _cpu_op(name: str) -> object | None:
+    """``torch.ops.skf.<name>`` with a CPU kernel, once ``components.cpu_kernels`` registered it, else None
+    (the SE blocks then use the equivalent eager ops)."""
+    op = _cpu_ops.get(name)
+    if op is None:
+        try:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"skf::{name}", "CPU"):
+                return None
+        except RuntimeError:  # not defined in this process
+            return None
+        op = _cpu_ops[name] = getattr(torch.ops.skf, name)
+    return op
+
+
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.bmm(a, b)``; through oneDNN (``torch.ops.skf.bmm``) for CPU fp32 when registered."""
+    op = _cpu_op("bmm") if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 else None
+    if op is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return torch.bmm(a, b)
+    return op(a, b)  # type: ignore[operator]
+
+
+def _baddbmm_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``acc += a @ b`` in place for a contiguous ``acc`` (oneDNN like :func:`_bmm`)."""
+    op = _cpu_op("baddbmm_") if acc.device.type == "cpu" and acc.dtype == torch.float32 else None
+    if op is None or a.dtype != acc.dtype or b.dtype != acc.dtype or not acc.is_contiguous():
+        return acc.baddbmm_(a, b)
+    return op(acc, a, b)  # type: ignore[operator]
+
+
+class _BatchedMatmul(torch.autograd.Function):
+    """``a @ b`` (B×M×K by B×K×N) with both passes through :func:`_bmm`."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a, b)
+        return _bmm(a, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        grad_a = _bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_b = _bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Batched ``a @ b`` with autograd, on oneDNN where :func:`_bmm` is (plain ``@`` when tracing/compiling)."""
+    if (
+        a.device.type != "cpu"
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or _cpu_op("bmm") is None
+    ):
+        return a @ b
+    return _BatchedMatmul.apply(a, b)
+
+
+class _GeluGate(torch.autograd.Function):
+    """``gelu(u) * gate`` through the fused CPU ops (:mod:`components.cpu_kernels`); the backward recomputes
+    gelu(u) instead of keeping it, so only ``u`` and the (small or shared) gate are saved."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, gate: Tensor, tanh: bool) -> Tensor:  # type: ignore[override]
+        ctx.tanh = tanh
+        ctx.save_for_backward(u, gate)
+        return _cpu_op("gelu_gate")(u, gate, tanh)  # type: ignore[operator]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        u, gate = ctx.saved_tensors
+        grad_u, grad_gate = _cpu_op("gelu_gate_backward")(grad, u, gate, ctx.tanh)  # type: ignore[operator]
+        return grad_u, grad_gate, None
+
+
+def _fusable(u: Tensor, gate: Tensor) -> bool:
+    return (
+        u.device.type == "cpu"
+        and u.dtype in _FUSED_DTYPES
+        and gate.dtype == u.dtype
+        and gate.device == u.device
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and _cpu_op("gelu_gate") is not None
+        and _cpu_op("gelu_gate_backward") is not None
+    )
+
+
+def gelu_gate(u: Tensor, gate: Tensor, approximate: str = "none") -> Tensor:
+    """``F.gelu(u, approximate=approximate) * gate`` for ``u`` N×F×M and ``gate`` N×1×M (broadcast over the
+    F rows of each group), fused on CPU when the ops are registered, eager ops otherwise (ONNX export,
+    TorchScript tracing, torch.compile, CUDA, half precision). ``approximate``: ``"none"`` or ``"tanh"``.
+    """
+    if u.dim() != 3 or gate.dim() != 3 or gate.shape[1] != 1 or gate.shape[::2] != u.shape[::2]:
+        raise ValueError(
+            f"gelu_gate expects u N×F×M and gate N×1×M, got {tuple(u.shape)} and {tuple(gate.shape)}"
+        )
+    if _fusable(u, gate):
+        return _GeluGate.apply(u, gate, approximate == "tanh")
+    return F.gelu(u, approximate=approximate) * gate
+
+
+def _rows(x: Tensor) -> Tensor | None:
+    """A dense B×C×H×W map as N×1×M rows without copying (channels-last: B·H × W·C, NCHW: B·C × H·W)."""
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return _pixels(x).reshape(b * h, 1, w * c)
+    if x.is_contiguous():
+        return x.view(b * c, 1, h * w)
+    return None
+
+
+def _gelu_times(u: Tensor, gate: Tensor, approximate: str) -> Tensor:
+    """``F.gelu(u) * gate`` for two B×C×H×W maps in the same layout (fused where :func:`gelu_gate` is)."""
+    rows_u, rows_gate = _rows(u), _rows(gate)
+    if rows_u is None or rows_gate is None or u.stride() != gate.stride():
+        return F.gelu(u, approximate=approximate) * gate
+    out = gelu_gate(rows_u, rows_gate, approximate)
+    if u.is_contiguous(memory_format=torch.channels_last):
+        b, c, h, w = u.shape
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)
+    return out.view(u.shape)
+
+
+_CONV1X1 = (
+    (1, 1),
+    (0, 0),
+    (1, 1),
+    False,
+    (0, 0),
+    1,
+)  # stride, padding, dilation, transposed, output pad, groups
+
+
+class _Conv1x1(torch.autograd.Function):
+    """A bias-free 1×1 conv of a channels-last CPU map, with a faster weight gradient (same sums).
+
+    oneDNN's convolution weight-gradient kernel is the slow part of these convs' backward (a reduction over
+    all B·H·W pixels): 12 / 26 / 43 ms for 64->64 / 64->170 / 170->64 on 16×128² pixels on this project's
+    CPU machine, against 9 / 22 / 22 ms for the same products as per-image matmuls through oneDNN's matmul
+    (:func:`_bmm`) summed over the batch. Without the matmul op, the 170->64 case still takes the adjoint
+    conv's weight gradient (26 ms: the wide map on the gradient side). Forward and input gradient are the
+    convolution's own.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, *_CONV1X1, (True, False, False)
+            )[0]
+        if ctx.needs_input_grad[1]:
+            grad_w = _conv1x1_weight_grad(grad, x, weight)
+        return grad_x, grad_w
+
+
+def _conv1x1_weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``Σ_pixels grad ⊗ x`` for channels-last ``grad`` (B×O×H×W) and ``x`` (B×I×H×W): the 1×1 weight gradient."""
+    b, c_out, h, w = grad.shape
+    c_in = x.shape[1]
+    if _cpu_op("bmm") is not None and grad.dtype == x.dtype == torch.float32:
+        per_image = _bmm(
+            _pixels(grad).reshape(b, h * w, c_out).transpose(1, 2), _pixels(x).reshape(b, h * w, c_in)
+        )
+        return per_image.sum(dim=0).view(c_out, c_in, 1, 1)
+    if c_in > c_out:  # dWᵀ = xᵀ·grad: the weight gradient of the adjoint conv (c_out -> c_in)
+        adjoint = weight.new_empty(c_in, c_out, 1, 1)  # only its shape is read
+        grad_wt = torch.ops.aten.convolution_backward(
+            x, grad, adjoint, None, *_CONV1X1, (False, True, False)
+        )[1]
+        return grad_wt.view(c_in, c_out).t().reshape(c_out, c_in, 1, 1)
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, *_CONV1X1, (False, True, False))[1]
+
+
+def _pointwise(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.conv2d(x, weight)`` for a bias-free 1×1 ``weight``; :class:`_Conv1x1` for channels-last CPU maps
+    in training (plain conv otherwise: other devices, tracing, compiling, inference)."""
+    if (
+        x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and x.dtype == weight.dtype
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    ):
+        return _Conv1x1.apply(x, weight)
+    return F.conv2d(x, weight)
 
 
 class TransposedCrossAttention(nn.Module):
@@ -217,7 +425,7 @@ class TransposedCrossAttention(nn.Module):
         eye = torch.eye(self.heads, dtype=attn.dtype, device=attn.device)
         mix = torch.einsum("bhij,hg->bhigj", attn, eye).reshape(b, c, c)
         mix = (self.project_out.weight.view(c, c).to(mix.dtype) @ mix).transpose(1, 2).to(v.dtype)
-        out = _pixels(v).reshape(b, h * w, c) @ mix
+        out = _matmul(_pixels(v).reshape(b, h * w, c), mix)
         return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -258,7 +466,7 @@ def _cosine_parts(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward of :class:`_ChannelCosine`: the cosine, the pooled key and both clamped norms."""
     key = _pool_phases(k, factor)
-    gram = torch.bmm(q.transpose(1, 2), key)
+    gram = _bmm(q.transpose(1, 2), key)
     q_sq = (q * q if count is None else q * q * count[:, None]).sum(dim=1)
     k_sq = _pixels(k).square().sum(dim=(1, 2))
     q_norm, k_norm = q_sq.sqrt().clamp_min(1e-12), k_sq.sqrt().clamp_min(1e-12)
@@ -306,9 +514,9 @@ class _ChannelCosine(torch.autograd.Function):
         grad_q = grad_k = None
         if ctx.needs_input_grad[0]:
             scale = q_scale[:, None, :] if count is None else count[:, None] * q_scale[:, None, :]
-            grad_q = torch.baddbmm(q * scale, key, d_gram.transpose(1, 2))
+            grad_q = _baddbmm_(q * scale, key, d_gram.transpose(1, 2))
         if ctx.needs_input_grad[2]:
-            full = _unpool_phases(torch.bmm(q, d_gram), ctx.factor, k.shape)
+            full = _unpool_phases(_bmm(q, d_gram), ctx.factor, k.shape)
             full = full.addcmul_(_pixels(k), k_scale[:, None, None, :])
             grad_k = full.permute(0, 3, 1, 2)
         return grad_q, None, grad_k, None
@@ -327,7 +535,7 @@ class GatedDConvFeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         u1, u2 = _pointwise_then_depthwise(x, self.project_in, self.dwconv)
-        return self.project_out(F.gelu(u1, approximate=self.approximate) * u2)
+        return _pointwise(_gelu_times(u1, u2, self.approximate), self.project_out.weight)
 
 
 class DualGatedFeedForward(nn.Module):
@@ -352,17 +560,18 @@ class DualGatedFeedForward(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor, factor: int = 1) -> Tensor:
         """``y`` may be at 1/``factor`` of ``x``'s resolution (nearest upsampling, applied by broadcasting)."""
-        gx = F.gelu(self.project_in_R(x), approximate=self.approximate)
+        ux = _pointwise(x, self.project_in_R.weight)
         gy = F.gelu(self.project_in_S(y), approximate=self.approximate)
         if factor == 1:
-            return self.project_out(gx * gy)
-        b, c, h, w = gx.shape
+            return _pointwise(_gelu_times(ux, gy, self.approximate), self.project_out.weight)
+        b, c, h, w = ux.shape
         hs, ws = h // factor, w // factor
-        # widen gy along columns first (a small copy), then broadcast over rows: both backward
-        # reductions then run over outer axes, several times faster than one over two strided axes
-        wide = _pixels(gy)[:, :, :, None, :].expand(b, hs, ws, factor, c).reshape(b, hs, 1, w, c)
-        gated = _pixels(gx).reshape(b, hs, factor, w, c) * wide
-        return self.project_out(gated.reshape(b, h, w, c).permute(0, 3, 1, 2))
+        # widen gy along columns first (a small copy), then broadcast over the factor rows of each prior
+        # row: the gate's backward reduction then runs over an outer axis (several times faster than one
+        # over two strided axes), and the product is gelu_gate's N×F×M form
+        wide = _pixels(gy)[:, :, :, None, :].expand(b, hs, ws, factor, c).reshape(b * hs, 1, w * c)
+        gated = gelu_gate(_pixels(ux).reshape(b * hs, factor, w * c), wide, self.approximate)
+        return _pointwise(gated.view(b, h, w, c).permute(0, 3, 1, 2), self.project_out.weight)
 
 
 class SemanticEmbedding(nn.Module):

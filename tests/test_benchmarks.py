@@ -54,6 +54,7 @@ def _args() -> argparse.Namespace:
         online_steps=1,
         layout="auto",
         sa_precision="auto",
+        cpu_kernels="auto",
     )
 
 
@@ -82,6 +83,7 @@ def test_measurement_and_report_for_both_baselines(tiny: ModuleType) -> None:
     text = tiny.markdown(report)
     assert "| snr-net (2x64²) | recipe step, amortised" in text
     assert "| drbn | SA |" in text
+    assert "SE CPU ops compiled" in text or "SE CPU ops eager" in text
 
 
 @pytest.mark.parametrize("model", ["drbn", "snr-net"])

@@ -218,6 +218,16 @@ def move_to_device(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
+def _cpu_kernels(device: torch.device) -> str:
+    """On CPU, build/register the SE blocks' CPU kernels (:mod:`components.cpu_kernels`): ``"compiled"``, or
+    ``"eager"`` when they are unavailable (a warning says why); ``"n/a"`` on other devices."""
+    if device.type != "cpu":
+        return "n/a"
+    from components import cpu_kernels
+
+    return "compiled" if cpu_kernels.load() else "eager"
+
+
 def select_device(override: str | None, dist_info: DistInfo | None = None) -> torch.device:
     """The override if given, else CUDA (this process's local rank) when available, else CPU."""
     if override:
@@ -285,6 +295,7 @@ class Trainer:
         cfg, info = self.config, self.dist
         self.device = select_device(cfg.device, info)
         seed_everything(cfg.seed + info.rank, deterministic=cfg.deterministic)
+        cpu_ops = _cpu_kernels(self.device)
 
         amp_enabled = cfg.amp and self.device.type == "cuda"
         if cfg.amp and not amp_enabled:
@@ -312,7 +323,12 @@ class Trainer:
         if info.is_main:
             self.logger.log_params({**{f"trainer.{k}": v for k, v in cfg.model_dump().items()}, **params})
             self.logger.set_tags(
-                {"world_size": info.world_size, "device": str(self.device), "amp": amp_enabled}
+                {
+                    "world_size": info.world_size,
+                    "device": str(self.device),
+                    "amp": amp_enabled,
+                    "cpu_ops": cpu_ops,
+                }
             )
 
         ctx = StepContext(
