@@ -17,9 +17,13 @@ column of a block, :func:`_phase_classes`). The query never exists at full resol
 with the key only needs the key summed over each phase class (small membership matmuls), and that
 normalised product has a hand-written backward (:class:`_ChannelCosine`); ``project_out`` folds into the
 attention matrix. The block runs channels-last inside, where the per-pixel LayerNorm needs no
-transposing copies. The feed-forward's GELU gate (:func:`gelu_gate`) runs as one fused pass each way on
-CPU when ``components.cpu_kernels`` has registered ``torch.ops.skf.gelu_gate`` (built on first use), and
-as the equivalent eager ops otherwise.
+transposing copies.
+
+On CPU, three ops run through ``torch.ops.skf.*`` once ``components.cpu_kernels`` has built and registered
+them (first use, with the machine's compiler), and as the equivalent eager ops otherwise (and always for
+CUDA, half precision, tracing, export and ``torch.compile``): the feed-forward's GELU gate as one fused pass
+each way (:func:`gelu_gate`), the attention's batched fp32 matmuls through oneDNN instead of MKL
+(:func:`_bmm`), and with them the 1×1 convs' weight gradients (:class:`_Conv1x1`).
 """
 
 from __future__ import annotations
@@ -281,14 +285,8 @@ def _gelu_times(u: Tensor, gate: Tensor, approximate: str) -> Tensor:
     return out.view(u.shape)
 
 
-_CONV1X1 = (
-    (1, 1),
-    (0, 0),
-    (1, 1),
-    False,
-    (0, 0),
-    1,
-)  # stride, padding, dilation, transposed, output pad, groups
+#: stride, padding, dilation, transposed, output padding, groups of a plain 1×1 conv (convolution_backward)
+_CONV1X1 = ((1, 1), (0, 0), (1, 1), False, (0, 0), 1)
 
 
 class _Conv1x1(torch.autograd.Function):
