@@ -31,11 +31,10 @@ from components.registry import register
 from models.hrnet import (
     HRNet,
     HRNetConfig,
-    class_probabilities,
     hrnet_w18_small_config,
     hrnet_w48_config,
     hrnet_w48_lite_config,
-    label_map,
+    labels_of,
     upsample_logits,
 )
 
@@ -70,6 +69,11 @@ class Priors:
     f1: Tensor
     f2: Tensor
     logits: Tensor
+    #: full-resolution logits by size: a DRBN-SKF step needs them for SE, SCH's labels and SA's
+    #: probabilities, and upsampling 59 channels to full resolution costs ~10 ms each time on a 4x256² batch
+    _full: dict[tuple[int, int] | None, Tensor] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def features(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -82,16 +86,20 @@ class Priors:
         return Priors(*(fn(t) for t in (self.f0, self.f1, self.f2, self.logits)))
 
     def full_logits(self, size: tuple[int, int] | None = None) -> Tensor:
-        """Pre-softmax logits at full resolution (bilinear x4, align_corners=True; what DRBN's SE uses)."""
-        return upsample_logits(self.logits.float(), size)
+        """Pre-softmax logits at full resolution (bilinear x4, align_corners=True; what DRBN's SE uses),
+        computed once per size for this batch's priors (the maps below derive from the same tensor)."""
+        key = None if size is None else (int(size[0]), int(size[1]))
+        if key not in self._full:
+            self._full[key] = upsample_logits(self.logits.float(), size)
+        return self._full[key]
 
     def probabilities(self, size: tuple[int, int] | None = None) -> Tensor:
-        """Class probabilities P (B, C, H, W), float32 (SA masks)."""
-        return class_probabilities(self.logits, size)
+        """Class probabilities P (B, C, H, W), float32 (SA masks); ``models.hrnet.class_probabilities``."""
+        return torch.softmax(self.full_logits(size), dim=1)
 
     def labels(self, size: tuple[int, int] | None = None) -> Tensor:
-        """Hard argmax label map (B, H, W), int64 (SCH)."""
-        return label_map(self.logits, size)
+        """Hard argmax label map (B, H, W), int64 (SCH); ``models.hrnet.label_map``."""
+        return labels_of(self.full_logits(size))
 
     def to(self, *args: Any, **kwargs: Any) -> Priors:
         """``Tensor.to`` applied to every map."""

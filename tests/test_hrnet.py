@@ -16,6 +16,7 @@ from models.hrnet import (
     hrnet_w18_small_config,
     hrnet_w48_config,
     label_map,
+    labels_of,
     upsample_logits,
 )
 
@@ -226,3 +227,12 @@ def test_probabilities_and_labels() -> None:
     labels = label_map(logits, (18, 20))
     assert labels.dtype == torch.int64 and labels.shape == (1, 18, 20)
     assert torch.equal(labels, probs.argmax(1))
+
+
+def test_labels_of_is_argmax_with_first_index_on_ties() -> None:
+    full = torch.randn(2, 6, 9, 11)
+    assert torch.equal(labels_of(full), full.argmax(dim=1))
+    tied = torch.zeros(1, 4, 2, 2)
+    tied[:, 1] = tied[:, 3] = 1.0  # classes 1 and 3 tie for the maximum everywhere
+    assert torch.equal(labels_of(tied), torch.ones(1, 2, 2, dtype=torch.int64))
+    assert torch.equal(labels_of(tied), tied.argmax(dim=1))

@@ -397,3 +397,18 @@ def test_w48_lite_priors_fit_the_baselines_se_blocks():
         out = net(x, sem=(priors.f0, priors.f1, priors.f2))
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert skb.fingerprint != registry.create("skb/hrnet-w18-small-test@1").fingerprint
+
+
+def test_priors_derive_labels_and_probabilities_from_one_upsampling() -> None:
+    from models.hrnet import class_probabilities, label_map
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 4, 6, generator=g).half()
+    priors = skb.Priors(torch.zeros(2, 1, 4, 6), torch.zeros(2, 1, 2, 3), torch.zeros(2, 1, 1, 2), logits)
+    size = (15, 22)
+    full = priors.full_logits(size)
+    assert priors.full_logits(torch.Size(size)) is full  # computed once per size, whatever the size type
+    assert priors.full_logits().shape[-2:] == (16, 24)  # the uncropped size is a separate entry
+    assert torch.equal(priors.labels(size), label_map(logits, size))
+    torch.testing.assert_close(priors.probabilities(size), class_probabilities(logits, size), rtol=0, atol=0)
+    assert priors.half().full_logits(size) is not full  # derived priors start without the memo
