@@ -184,7 +184,7 @@ def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
 
     def se() -> None:
         if runner.model == "drbn":  # DRBN's SE inputs (F1, F0, full-res logits Z), as _drbn_sem builds them
-            sems = [priors.f1, priors.f0, priors.full_logits((h, w))]
+            sems = [priors.f1, priors.f0, priors.full_logits((h, w), channels_last=True)]
         else:
             sems = [priors.f2, priors.f1, priors.f0]
         outs = []

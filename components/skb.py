@@ -69,9 +69,9 @@ class Priors:
     f1: Tensor
     f2: Tensor
     logits: Tensor
-    #: full-resolution logits by size: a DRBN-SKF step needs them for SE, SCH's labels and SA's
+    #: full-resolution logits by (size, layout): a DRBN-SKF step needs them for SE, SCH's labels and SA's
     #: probabilities, and upsampling 59 channels to full resolution costs ~10 ms each time on a 4x256² batch
-    _full: dict[tuple[int, int] | None, Tensor] = dataclasses.field(
+    _full: dict[tuple[tuple[int, int] | None, bool], Tensor] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -85,21 +85,30 @@ class Priors:
     def _map(self, fn: Any) -> Priors:
         return Priors(*(fn(t) for t in (self.f0, self.f1, self.f2, self.logits)))
 
-    def full_logits(self, size: tuple[int, int] | None = None) -> Tensor:
+    def full_logits(self, size: tuple[int, int] | None = None, *, channels_last: bool = False) -> Tensor:
         """Pre-softmax logits at full resolution (bilinear x4, align_corners=True; what DRBN's SE uses),
-        computed once per size for this batch's priors (the maps below derive from the same tensor)."""
-        key = None if size is None else (int(size[0]), int(size[1]))
+        computed once per size and layout for this batch's priors (the maps below derive from them).
+
+        ``channels_last=True`` upsamples a channels-last copy of the 1/4 logits: the result is channels-last
+        (what the SE blocks work in, so they need no 16x larger copy; 12 ms saved on a 4x59x256² map), and the
+        upsampling itself runs ~4x faster. It equals the NCHW result to float rounding (~1e-6).
+        """
+        key = (None if size is None else (int(size[0]), int(size[1])), channels_last)
         if key not in self._full:
-            self._full[key] = upsample_logits(self.logits.float(), size)
+            logits = self.logits.float()
+            if channels_last:
+                logits = logits.contiguous(memory_format=torch.channels_last)
+            self._full[key] = upsample_logits(logits, size)
         return self._full[key]
 
     def probabilities(self, size: tuple[int, int] | None = None) -> Tensor:
         """Class probabilities P (B, C, H, W), float32 (SA masks); ``models.hrnet.class_probabilities``."""
-        return torch.softmax(self.full_logits(size), dim=1)
+        return torch.softmax(self.full_logits(size), dim=1)  # NCHW: a softmax over dim 1 ran 3x faster so
 
     def labels(self, size: tuple[int, int] | None = None) -> Tensor:
-        """Hard argmax label map (B, H, W), int64 (SCH); ``models.hrnet.label_map``."""
-        return labels_of(self.full_logits(size))
+        """Hard argmax label map (B, H, W), int64 (SCH); ``models.hrnet.label_map``, taken on the channels-last
+        logits (an argmax over channels ran ~2.5x faster on them: 9 vs 22 ms on 4x59x256²)."""
+        return labels_of(self.full_logits(size, channels_last=True))
 
     def to(self, *args: Any, **kwargs: Any) -> Priors:
         """``Tensor.to`` applied to every map."""

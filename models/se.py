@@ -295,9 +295,10 @@ class _Conv1x1(torch.autograd.Function):
     oneDNN's convolution weight-gradient kernel is the slow part of these convs' backward (a reduction over
     all B·H·W pixels): 12 / 26 / 43 ms for 64->64 / 64->170 / 170->64 on 16×128² pixels on this project's
     CPU machine, against 9 / 22 / 22 ms for the same products as per-image matmuls through oneDNN's matmul
-    (:func:`_bmm`) summed over the batch. Without the matmul op, the 170->64 case still takes the adjoint
-    conv's weight gradient (26 ms: the wide map on the gradient side). Forward and input gradient are the
-    convolution's own.
+    (:func:`_bmm`) summed over the batch. Below 64 channels (DRBN's 16 and 42) the matmuls lose (16->16:
+    1.4 vs 0.6 ms on 4×256²), so those keep the convolution's kernel. Without the matmul op, a narrowing
+    conv takes the adjoint conv's weight gradient (170->64: 26 ms, the wide map on the gradient side).
+    Forward and input gradient are the convolution's own.
     """
 
     @staticmethod
@@ -324,7 +325,7 @@ def _conv1x1_weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     """``Σ_pixels grad ⊗ x`` for channels-last ``grad`` (B×O×H×W) and ``x`` (B×I×H×W): the 1×1 weight gradient."""
     b, c_out, h, w = grad.shape
     c_in = x.shape[1]
-    if _cpu_op("bmm") is not None and grad.dtype == x.dtype == torch.float32:
+    if _cpu_op("bmm") is not None and grad.dtype == x.dtype == torch.float32 and min(c_in, c_out) >= 64:
         per_image = _bmm(
             _pixels(grad).reshape(b, h * w, c_out).transpose(1, 2), _pixels(x).reshape(b, h * w, c_in)
         )

@@ -409,6 +409,10 @@ def test_priors_derive_labels_and_probabilities_from_one_upsampling() -> None:
     full = priors.full_logits(size)
     assert priors.full_logits(torch.Size(size)) is full  # computed once per size, whatever the size type
     assert priors.full_logits().shape[-2:] == (16, 24)  # the uncropped size is a separate entry
-    assert torch.equal(priors.labels(size), label_map(logits, size))
+    assert torch.equal(priors.labels(size), label_map(logits, size))  # channels-last logits, same labels
+    cl = priors.full_logits(size, channels_last=True)
+    assert cl.stride(1) == 1 and cl is not full  # channels innermost (a cropped view of a channels-last map)
+    assert priors.full_logits(channels_last=True).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, full, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(priors.probabilities(size), class_probabilities(logits, size), rtol=0, atol=0)
     assert priors.half().full_logits(size) is not full  # derived priors start without the memo

@@ -206,8 +206,8 @@ class _BaseTask:
 # DRBN
 # ---------------------------------------------------------------------------------------------------
 def _drbn_sem(priors: Priors, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
-    """DRBN's SE inputs (F1, F0, Z) with Z the full-resolution logits."""
-    return priors.f1, priors.f0, priors.full_logits(size)
+    """DRBN's SE inputs (F1, F0, Z) with Z the full-resolution logits (channels-last, the SE's layout)."""
+    return priors.f1, priors.f0, priors.full_logits(size, channels_last=True)
 
 
 class DRBNTask(_BaseTask):
