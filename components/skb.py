@@ -103,7 +103,7 @@ class Priors:
 
     def probabilities(self, size: tuple[int, int] | None = None) -> Tensor:
         """Class probabilities P (B, C, H, W), float32 (SA masks); ``models.hrnet.class_probabilities``."""
-        return torch.softmax(self.full_logits(size), dim=1)  # NCHW: a softmax over dim 1 ran 3x faster so
+        return torch.softmax(self.full_logits(size), dim=1)  # NCHW: softmax over dim 1 ran 3x faster than CL
 
     def labels(self, size: tuple[int, int] | None = None) -> Tensor:
         """Hard argmax label map (B, H, W), int64 (SCH); ``models.hrnet.label_map``, taken on the channels-last

@@ -173,10 +173,16 @@ def _cpu_op(name: str) -> object | None:
     return op
 
 
+def _capturing() -> bool:
+    """True while TorchScript traces or torch.compile / export captures the graph: the ``skf`` CPU ops and
+    the autograd Functions around them are left out then, so the captured graph has standard ops only."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
     """``torch.bmm(a, b)``; through oneDNN (``torch.ops.skf.bmm``) for CPU fp32 when registered."""
     op = _cpu_op("bmm") if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 else None
-    if op is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if op is None or _capturing():
         return torch.bmm(a, b)
     return op(a, b)  # type: ignore[operator]
 
@@ -208,12 +214,7 @@ class _BatchedMatmul(torch.autograd.Function):
 
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
     """Batched ``a @ b`` with autograd, on oneDNN where :func:`_bmm` is (plain ``@`` when tracing/compiling)."""
-    if (
-        a.device.type != "cpu"
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or _cpu_op("bmm") is None
-    ):
+    if a.device.type != "cpu" or _capturing() or _cpu_op("bmm") is None:
         return a @ b
     return _BatchedMatmul.apply(a, b)
 
@@ -242,8 +243,7 @@ def _fusable(u: Tensor, gate: Tensor) -> bool:
         and u.dtype in _FUSED_DTYPES
         and gate.dtype == u.dtype
         and gate.device == u.device
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
+        and not _capturing()
         and _cpu_op("gelu_gate") is not None
         and _cpu_op("gelu_gate_backward") is not None
     )
@@ -264,25 +264,21 @@ def gelu_gate(u: Tensor, gate: Tensor, approximate: str = "none") -> Tensor:
 
 
 def _rows(x: Tensor) -> Tensor | None:
-    """A dense B×C×H×W map as N×1×M rows without copying (channels-last: B·H × W·C, NCHW: B·C × H·W)."""
+    """A channels-last B×C×H×W map as B·H × 1 × W·C rows without copying (None for other layouts)."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return None
     b, c, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return _pixels(x).reshape(b * h, 1, w * c)
-    if x.is_contiguous():
-        return x.view(b * c, 1, h * w)
-    return None
+    return _pixels(x).reshape(b * h, 1, w * c)
 
 
 def _gelu_times(u: Tensor, gate: Tensor, approximate: str) -> Tensor:
-    """``F.gelu(u) * gate`` for two B×C×H×W maps in the same layout (fused where :func:`gelu_gate` is)."""
+    """``F.gelu(u) * gate`` for two B×C×H×W maps (fused where :func:`gelu_gate` is, for channels-last maps
+    in the same strides: what the SE blocks make inside; eager ops otherwise)."""
     rows_u, rows_gate = _rows(u), _rows(gate)
     if rows_u is None or rows_gate is None or u.stride() != gate.stride():
         return F.gelu(u, approximate=approximate) * gate
-    out = gelu_gate(rows_u, rows_gate, approximate)
-    if u.is_contiguous(memory_format=torch.channels_last):
-        b, c, h, w = u.shape
-        return out.view(b, h, w, c).permute(0, 3, 1, 2)
-    return out.view(u.shape)
+    b, c, h, w = u.shape
+    return gelu_gate(rows_u, rows_gate, approximate).view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 #: stride, padding, dilation, transposed, output padding, groups of a plain 1×1 conv (convolution_backward)
@@ -348,8 +344,7 @@ def _pointwise(x: Tensor, weight: Tensor) -> Tensor:
         and (x.requires_grad or weight.requires_grad)
         and x.dtype == weight.dtype
         and x.is_contiguous(memory_format=torch.channels_last)
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
+        and not _capturing()
     ):
         return _Conv1x1.apply(x, weight)
     return F.conv2d(x, weight)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import models.se as se
 from components import cpu_kernels
-from models.se import SemanticEmbedding, _baddbmm_, _bmm, _matmul, _pointwise, gelu_gate
+from models.se import SemanticEmbedding, _baddbmm_, _bmm, _gelu_times, _matmul, _pointwise, gelu_gate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,6 +71,23 @@ def test_gelu_gate_unfusable_inputs_use_eager_ops() -> None:
     u = torch.randn(2, 4, 8, dtype=torch.bfloat16, requires_grad=True)
     out = gelu_gate(u, torch.randn(2, 1, 8, dtype=torch.bfloat16))
     assert type(out.grad_fn).__name__ == "MulBackward0"
+
+
+def test_gelu_times_fuses_channels_last_maps_only() -> None:
+    u = torch.randn(2, 5, 3, 4, requires_grad=True)
+    gate = torch.randn(2, 5, 3, 4)
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (u, gate)]
+    fused = _gelu_times(*cl, "tanh")
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    names, todo = set(), [fused.grad_fn]
+    while todo:  # the fused op sits under the view and permute back to B×C×H×W
+        fn = todo.pop()
+        names.add(type(fn).__name__)
+        todo += [nxt for nxt, _ in fn.next_functions if nxt is not None]
+    assert any("GeluGate" in n for n in names) and "GeluBackward0" not in names
+    nchw = _gelu_times(u, gate, "tanh")
+    assert type(nchw.grad_fn).__name__ == "MulBackward0"
+    torch.testing.assert_close(fused, nchw)
 
 
 def test_gelu_gate_rejects_bad_shapes() -> None:
