@@ -1,4 +1,4 @@
-"""Reconstruction losses of the plain baselines (skf-method.md §5); SKF's SCH/SA live elsewhere.
+"""Reconstruction losses of the plain baselines (docs/method.md §7); SKF's SCH/SA live elsewhere.
 
 * ``ssim-pyramid`` (DRBN): −[SSIM(ŷ₁, y) + SSIM(ŷ₂, y[::2, ::2]) + SSIM(ŷ₄, y[::4, ::4])] with the
   11×11 Gaussian-window SSIM (σ 1.5, C1 1e-4, C2 9e-4, zero padding, per channel, mean over everything)

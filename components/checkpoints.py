@@ -2,7 +2,7 @@
 
 Every load goes through ``torch.load(..., weights_only=True)`` so a checkpoint can never run code, and
 :func:`load_strict` refuses partial loads: the official SKF code silently keeps random weights for
-keys it did not find (skf-method.md 1.2 and 8.9); here a mismatch is an error that names the keys.
+keys it did not find (docs/method.md §2.1 and §10.7); here a mismatch is an error that names the keys.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from components.errors import SKFError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_STRIP_PREFIXES: tuple[str, ...] = ("module.", "model.")
@@ -33,7 +35,7 @@ DEFAULT_ALLOW_MISSING: tuple[str, ...] = ("*num_batches_tracked",)
 _CHUNK = 1 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SKFError, RuntimeError):
     """A checkpoint could not be fetched, verified or decoded."""
 
 
@@ -193,8 +195,12 @@ def _torch_load(source: Path | bytes, label: str) -> Any:
             f"refused to load {label}: it is not a weights-only checkpoint (it pickles Python objects "
             f"beyond tensors, which could run code). Re-save its state_dict only. Detail: {exc}"
         ) from exc
-    except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{label} is not a readable torch checkpoint: {exc}") from exc
+    except Exception as exc:  # truncated or arbitrary bytes fail anywhere in the unpickler
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{label} is not a readable torch checkpoint ({type(exc).__name__}: {detail}); check that the "
+            "file is complete (compare its sha256 with the published one) or download it again"
+        ) from exc
 
 
 def strip_prefixes(

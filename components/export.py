@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from components.errors import SKFError, UserInputError
 from components.inference import Enhancer
 
 ExportFormat = Literal["torchscript", "onnx"]
@@ -24,9 +25,15 @@ FORMATS: tuple[str, ...] = ("torchscript", "onnx")
 ONNX_OPSET = 18
 
 
+class ExportError(SKFError, RuntimeError):
+    """The enhancer could not be exported to the requested format."""
+
+
 def example_input(height: int, width: int, batch: int = 1) -> torch.Tensor:
     if min(height, width, batch) < 1:
-        raise ValueError(f"export size must be positive, got batch {batch}, {height}x{width}")
+        raise UserInputError(
+            f"export size must be positive, got batch {batch}, {height}x{width}; pass --batch/--height/--width >= 1"
+        )
     return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
 
 
@@ -41,7 +48,7 @@ def export_enhancer(
 ) -> Path:
     """Trace ``enhancer`` on CPU for a (batch, 3, height, width) input and write it to ``out``."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}")
+        raise UserInputError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = enhancer.to("cpu").eval()
@@ -78,7 +85,7 @@ def _export_onnx(model: torch.nn.Module, x: torch.Tensor, out: Path, what: str) 
         onnx.checker.check_model(str(tmp))
     except Exception as exc:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(
+        raise ExportError(
             f"ONNX export of {what} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
             "Export --format torchscript instead"
         ) from exc

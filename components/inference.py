@@ -1,7 +1,7 @@
 """The deployable enhancer: a baseline network plus the SKB it needs, running the baseline's test-time flow.
 
 :class:`Enhancer` maps a (B, 3, H, W) batch in [0, 1] (any H, W) to an enhanced batch of the same size,
-clamped to [0, 1]. What the SKB is run on follows the released test code (skf-method.md 1.5, 5.1):
+clamped to [0, 1]. What the SKB is run on follows the released test code (docs/method.md §2.5, §6):
 
 * DRBN-SKF: recurrences 1-3 -> SKB on their output r3 -> recurrence 4 with SE on (F1, F0, Z).
 * SNR-SKF: SKB on the low-light input -> network; ``two_pass=True`` repeats it once with the SKB run on
@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from components.checkpoints import load_strict
+from components.errors import SKFError
 from components.registry import create, resolved_spec
 from components.skb import Priors, SemanticKnowledgeBank
 from models.drbn import DRBN
@@ -50,7 +51,7 @@ _SE_BLOCKS: dict[type[nn.Module], tuple[str, ...]] = {
 }
 
 
-class EnhancerSpecError(ValueError):
+class EnhancerSpecError(SKFError, ValueError):
     """An enhancer spec or its weights do not describe a buildable, consistent model."""
 
 

@@ -2,7 +2,7 @@
 
 Registered as ``loss/sch@1`` and ``loss/sa@1``. The maths lives in :mod:`models.sch` and
 :mod:`models.discriminator`; this module adds the per-baseline presets, schedules and the
-official-compatibility switch (skf-method.md §3, §4, §8).
+official-compatibility switch (docs/method.md §4, §5, §10).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class SemanticAdversarialLoss(nn.Module):
     The module's parameters are exactly the discriminator's, so ``torch.optim.Adam(sa.parameters())``
     is the D optimiser. Two modes:
 
-    * default (clean, skf-method.md §4.4 "D trained on both the 62-ch global input and the masked local
+    * default (clean, docs/method.md §5.3 "D trained on both the 62-ch global input and the masked local
       inputs"): masks are the soft maps of the two largest classes; the D step sees ``fake`` and ``probs``
       detached. The global term uses only the image⊕probabilities (62-ch) input, the path the generator
       is scored on (no extra RGB global pass). For the local term the four region candidates are scored

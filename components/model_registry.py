@@ -36,6 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from components.errors import SKFError
 from components.inference import Enhancer, EnhancerSpec, load_enhancer_dir, save_enhancer
 from components.serving import ARTIFACT_CARD, ARTIFACT_NET, ARTIFACT_SKB, ARTIFACT_SPEC
 
@@ -138,8 +139,118 @@ class PromotionDecision:
         return "\n".join(lines) + "\n"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(SKFError, RuntimeError):
     """A registry operation could not be carried out (missing version, conflicting writer)."""
+
+
+class ModelNotFoundError(SKFError, LookupError):
+    """A model URI, name, alias, version or run names nothing in MLflow (the message lists what exists)."""
+
+    exit_code = 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Looking models up (one-line errors that list what does exist)
+# --------------------------------------------------------------------------------------------------
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
+_LISTED = 10
+
+
+def _mlflow_call(client: Any, what: str, call: Any) -> Any:
+    """``call()``; a not-found MLflow error becomes None, any other one a :class:`RegistryError`."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call()
+    except MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return None
+        raise RegistryError(
+            f"MLflow at {client.tracking_uri} failed on {what}: {exc.message}; check that the server is up"
+        ) from exc
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_LISTED]) + (f" (+{len(items) - _LISTED} more)" if len(items) > _LISTED else "")
+    return shown or "none"
+
+
+def registered_model(client: Any, name: str) -> Any:
+    """The registered model ``name``, or :class:`ModelNotFoundError` listing the registered names."""
+    found = _mlflow_call(client, f"model {name!r}", lambda: client.get_registered_model(name))
+    if found is None:
+        names = [
+            m.name for m in _mlflow_call(client, "the model list", client.search_registered_models) or []
+        ]
+        raise ModelNotFoundError(
+            f"no registered model {name!r} in MLflow at {client.tracking_uri} (registered: {_listing(names)}); "
+            "check the name or register a model first (register-model flow or `skf demo`)"
+        )
+    return found
+
+
+def model_version(client: Any, name: str, version: str | int) -> Any:
+    """Version ``version`` of ``name``, or :class:`ModelNotFoundError` listing its versions."""
+    version = str(version)
+    if not version.isdigit():
+        raise ModelNotFoundError(
+            f"model version {version!r} of {name!r} is not a number; use models:/{name}/<n> or models:/{name}@<alias>"
+        )
+    registered_model(client, name)
+    found = _mlflow_call(client, f"{name}/{version}", lambda: client.get_model_version(name, version))
+    if found is None:
+        escaped = name.replace("'", "\\'")
+        listed = _mlflow_call(client, "versions", lambda: client.search_model_versions(f"name='{escaped}'"))
+        versions = sorted((int(v.version) for v in listed or []), reverse=True)
+        raise ModelNotFoundError(
+            f"registered model {name!r} has no version {version} (versions: {_listing([str(v) for v in versions])}); "
+            f"use one of those, or models:/{name}@{CHALLENGER}"
+        )
+    return found
+
+
+def alias_version(client: Any, name: str, alias: str) -> Any:
+    """The version behind ``name@alias``, or :class:`ModelNotFoundError` listing the aliases it has."""
+    model = registered_model(client, name)
+    found = _mlflow_call(client, f"{name}@{alias}", lambda: client.get_model_version_by_alias(name, alias))
+    if found is None:
+        aliases = [f"{a} -> version {v}" for a, v in sorted((getattr(model, "aliases", None) or {}).items())]
+        fix = f"promote a version with `skf promote {name} VERSION`" if alias == CHAMPION else "set the alias"
+        raise ModelNotFoundError(
+            f"registered model {name!r} has no alias {alias!r} (aliases: {_listing(aliases)}); "
+            f"{fix} or use models:/{name}/<version>"
+        )
+    return found
+
+
+def resolve_model_uri(client: Any, uri: str) -> Any | None:
+    """The model version behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
+
+    Other URIs (``runs:/``, ``models:/<model_id>``, local paths) return None: they name no version.
+    """
+    match = _MODEL_URI.match(uri)
+    if match is None:
+        return None
+    if match["alias"] is not None:
+        return alias_version(client, match["name"], match["alias"])
+    return model_version(client, match["name"], match["version"])
+
+
+def check_model_uri(client: Any, uri: str) -> Any | None:
+    """Fail early, with a listing, when ``uri`` names a missing run, model, alias or version.
+
+    Returns the model version for ``models:/<name>@<alias>`` and ``models:/<name>/<version>``, else None.
+    """
+    if uri.startswith("runs:/"):
+        run_id = uri[len("runs:/") :].split("/", 1)[0]
+        if _mlflow_call(client, f"run {run_id}", lambda: client.get_run(run_id)) is None:
+            raise ModelNotFoundError(
+                f"no MLflow run {run_id!r} in MLflow at {client.tracking_uri} ({uri}); check the run id "
+                "(`mlflow ui` lists the runs)"
+            )
+        return None
+    return resolve_model_uri(client, uri)
 
 
 def metric_value(metrics: Mapping[str, float], name: str) -> float | None:
@@ -445,10 +556,14 @@ def log_enhancer_package(enhancer: Enhancer, run_id: str, artifact_path: str = P
 
 
 def load_enhancer_package(uri: str, *, device: str = "cpu") -> Enhancer:
-    """Inverse of :func:`log_enhancer_package` (any artifact URI of such a folder)."""
-    import mlflow
+    """Inverse of :func:`log_enhancer_package` (any artifact URI of such a folder).
 
-    return load_enhancer_dir(mlflow.artifacts.download_artifacts(artifact_uri=uri), device=device)
+    The download lives in a temporary folder that is removed once the weights are in memory.
+    """
+    from components.serving import downloaded, load_checked
+
+    with downloaded(uri) as local:
+        return load_checked(uri, lambda: load_enhancer_dir(local, device=device))
 
 
 def _set_run_tags(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
@@ -470,7 +585,7 @@ def _alias_version(client: Any, name: str, alias: str) -> str | None:
 
 def candidate(client: Any, name: str, version: str) -> Candidate:
     """The promotion facts of ``name`` ``version``, from its tags."""
-    tags = client.get_model_version(name, str(version)).tags
+    tags = model_version(client, name, version).tags
     metrics = {k[len(f"{TAG}metric.") :]: float(v) for k, v in tags.items() if k.startswith(f"{TAG}metric.")}
     return Candidate(
         version=str(version),

@@ -7,7 +7,7 @@ and size. Reads are verified end to end (file hash against the catalog, safetens
 shapes against the recorded image size); anything inconsistent is logged, counted, deleted and
 reported as a miss, so it gets recomputed and is never fed to training.
 
-Size per image (skf-method.md 1.7): for a 600x400 image the four maps hold
+Size per image (docs/method.md §2.6): for a 600x400 image the four maps hold
 48*100*150 + 96*50*75 + 192*25*38 + 59*100*150 = 2,147,400 elements, i.e. 4,294,800 bytes in fp16
 (~4.3 MB, plus a header of a few hundred bytes). In general
 ``elements = (48 + 59)*a + 96*b + 192*c`` with ``a, b, c`` the cells of the 1/4, 1/8, 1/16 grids.
@@ -38,6 +38,7 @@ from sqlalchemy.exc import IntegrityError as RowConflict
 from torch import Tensor
 
 from components.catalog import Catalog, PriorCacheEntry, open_catalog
+from components.errors import SKFError
 from components.skb import FEATURE_STRIDES, LOGIT_STRIDE, Priors
 from components.storage import IntegrityError, Storage, open_storage, sha256_bytes
 
@@ -52,11 +53,11 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _HEADER_ALIGN = 8
 
 
-class CorruptEntryError(ValueError):
+class CorruptEntryError(SKFError, ValueError):
     """A cached file does not decode to consistent priors (the message says what is wrong)."""
 
 
-class MissingPriorsError(LookupError):
+class MissingPriorsError(SKFError, LookupError):
     """Priors needed for training are not in the cache."""
 
 
@@ -507,7 +508,7 @@ def crop_priors(priors: Priors, box: Any, flips: Any = None) -> Priors:
     crop reaches the bottom/right image edge (a whole 600x400 image is a valid "crop"). The dataset
     draws offsets on multiples of 16 and sizes on multiples of 32. Flips act on the cropped maps as on
     the cropped image. This is the cached-mode approximation of running HRNet on the crop
-    (skf-method.md 1.7: border context and flip equivariance differ slightly).
+    (docs/method.md §2.6: border context and flip equivariance differ slightly).
     """
     b, f = as_box(box), as_flips(flips)
     if b.top % CROP_ALIGN or b.left % CROP_ALIGN or min(b.top, b.left) < 0 or min(b.height, b.width) <= 0:

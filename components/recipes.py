@@ -3,7 +3,7 @@
 A recipe names the network (a ``baseline/*`` registry spec plus builder overrides) and everything the
 training engine needs: optimiser, LR schedule, run length/batch/crop/seed/precision, reconstruction
 losses and the SKF switches (SE, SCH, SA, how and on what the SKB runs). Defaults of the shipped files are
-the official ones of skf-method.md §5. Unknown keys are rejected everywhere, so a typo fails loudly.
+the official ones of docs/method.md §7. Unknown keys are rejected everywhere, so a typo fails loudly.
 
 A recipe file may start with ``extends: <name>`` to inherit another recipe and override parts of it
 (mappings merge recursively, everything else is replaced).
@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.baseline_losses import BASELINE_LOSSES
+from components.errors import SKFError
 from components.losses import SAPrecision
 
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 
 
-class RecipeError(ValueError):
+class RecipeError(SKFError, ValueError):
     """A recipe could not be found, parsed or validated; the message names the file and the fix."""
 
 
@@ -121,7 +122,7 @@ class LossTerm(_Strict):
 
 
 class SCHConfig(_Strict):
-    """Semantic-guided colour-histogram loss (skf-method.md §3)."""
+    """Semantic-guided colour-histogram loss (docs/method.md §4)."""
 
     enabled: bool = False
     weight: float = Field(1.0, ge=0)
@@ -130,7 +131,7 @@ class SCHConfig(_Strict):
 
 
 class SAConfig(_Strict):
-    """Semantic-guided adversarial loss (skf-method.md §4)."""
+    """Semantic-guided adversarial loss (docs/method.md §5)."""
 
     enabled: bool = False
     weight: float = Field(0.1, ge=0)
@@ -329,5 +330,6 @@ def load_recipe(name_or_path: str | Path, overrides: Mapping[str, Any] | None = 
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(
-            f"invalid recipe {path}{' (with overrides)' if overrides else ''}:\n{_format_errors(exc)}"
+            f"invalid recipe {path}{' (with overrides)' if overrides else ''}:\n{_format_errors(exc)}\n"
+            f"  fix the value(s) named above (--set KEY=VALUE or the recipe file; schema: {RECIPES_DIR})"
         ) from exc

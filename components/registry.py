@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from components.errors import SKFError
+
 _SPEC_RE = re.compile(r"^(?P<kind>[a-z][a-z0-9_-]*)/(?P<name>[a-z0-9][a-z0-9_.-]*?)(?:@(?P<version>\d+))?$")
 
 # Modules whose import registers the built-in components. Resolved lazily so that importing the
@@ -25,7 +27,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
 )
 
 
-class UnknownComponentError(KeyError):
+class UnknownComponentError(SKFError, KeyError):
     """Raised when a spec does not match any registered component; the message lists what exists."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable

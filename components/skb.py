@@ -4,7 +4,7 @@
 it on a (B, 3, H, W) batch in [0, 1] gives :class:`Priors` -- F0, F1, F2 and the head logits at 1/4 --
 for the *unpadded* image. Full-resolution logits, probabilities and labels are derived on demand.
 
-Behaviour that differs from the official code on purpose (skf-method.md 1.4, 8): the input is
+Behaviour that differs from the official code on purpose (docs/method.md §2.2, §10): the input is
 reflect-padded to a multiple of 32 and outputs are cropped back; BN is in eval mode unless
 ``bn_mode="train"`` (LLFlow-SKF's released behaviour); weights are frozen; loading is strict. The
 :attr:`~SemanticKnowledgeBank.fingerprint` names everything that changes the priors, so cached priors
@@ -134,7 +134,7 @@ class Priors:
 # Input handling
 # --------------------------------------------------------------------------------------------------
 def apply_input_transform(x: Tensor, transform: InputTransform) -> Tensor:
-    """Map RGB in [0, 1] to what the segmenter is fed (see skf-method.md 1.4)."""
+    """Map RGB in [0, 1] to what the segmenter is fed (see docs/method.md §2.2)."""
     if transform == "linear":
         return x
     if transform == "log":  # LLFlow-SKF feeds the log-domain low-light image
@@ -317,6 +317,23 @@ class SemanticKnowledgeBank(nn.Module):
         return contextlib.nullcontext()
 
 
+def _pinned_checkpoint_sha256(checkpoint: str | os.PathLike[str]) -> str | None:
+    """The pin for a checkpoint named like a known weight file (operator's ``SKF_PIN_SHA256``), else None.
+
+    Loading is weights-only either way (:func:`components.checkpoints.load_checkpoint`), so an unpinned
+    file cannot run code; a pin makes a swapped file fail loudly instead of silently changing the priors.
+    The digest actually loaded is recorded in ``weights_id`` and therefore in the fingerprint.
+    """
+    from urllib.parse import urlparse
+
+    from components import weights
+
+    text = os.fspath(checkpoint)
+    name = os.path.basename(urlparse(text).path if "://" in text else text)
+    known = {spec.name for spec in weights.KNOWN_WEIGHTS}
+    return weights.pinned_sha256(name) if name in known else None
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -341,6 +358,7 @@ def build_skb(
     """An SKB for ``config``: strictly loaded from ``checkpoint``, or seeded random weights without one."""
     model = HRNet(config)
     if checkpoint is not None:
+        expected_sha256 = expected_sha256 or _pinned_checkpoint_sha256(checkpoint)
         loaded = load_checkpoint(checkpoint, expected_sha256=expected_sha256, cache_dir=cache_dir)
         load_strict(model, loaded.state_dict, source=loaded.source)
         weights_id, pretrained = f"sha256:{loaded.sha256}", True

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from components.errors import SKFError
+
 __all__ = [
     "IntegrityError",
     "LocalStorage",
@@ -47,11 +49,11 @@ _TMP_PREFIX = ".skf-tmp-"
 T = TypeVar("T")
 
 
-class IntegrityError(Exception):
+class IntegrityError(SKFError):
     """Stored content does not match the sha256 it was expected to have."""
 
 
-class StorageError(RuntimeError):
+class StorageError(SKFError, RuntimeError):
     """A storage operation failed for a reason retrying will not fix (or retries ran out)."""
 
 
@@ -321,6 +323,35 @@ def s3_client() -> Any:
     return _shared_client(env_key)
 
 
+def _configuration_error(what: str, uri: str, exc: Exception) -> StorageError:
+    """A botocore failure that is about the local AWS configuration, as a one-line fix."""
+    from botocore.exceptions import NoCredentialsError, NoRegionError, PartialCredentialsError
+
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return StorageError(
+            f"S3 {what} {uri}: no usable AWS credentials ({exc}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for the account that owns the bucket"
+        )
+    if isinstance(exc, NoRegionError):
+        return StorageError(f"S3 {what} {uri}: no AWS region is configured; set AWS_DEFAULT_REGION")
+    return StorageError(
+        f"S3 {what} {uri} failed ({type(exc).__name__}: {exc}); check the AWS configuration "
+        "(credentials, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL)"
+    )
+
+
+def _client_for(root_uri: str) -> Any:
+    """The shared S3 client; a configuration it cannot be built from becomes a :class:`StorageError`."""
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        return s3_client()
+    except (BotoCoreError, ValueError) as exc:
+        raise StorageError(
+            f"cannot create an S3 client for {root_uri}: {exc}; check AWS_ENDPOINT_URL and AWS_DEFAULT_REGION"
+        ) from exc
+
+
 class S3Storage(Storage):
     """Objects under ``s3://bucket/prefix``: single-PUT writes, sha256 in metadata, retried transients.
 
@@ -345,7 +376,7 @@ class S3Storage(Storage):
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.root_uri = f"s3://{bucket}/{prefix}".rstrip("/")
-        self.client = client if client is not None else s3_client()
+        self.client = client if client is not None else _client_for(self.root_uri)
         self.retries = retries
         self.backoff_s = backoff_s
 
@@ -357,7 +388,7 @@ class S3Storage(Storage):
 
     def _call(self, what: str, uri: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` retrying connection failures with exponential backoff; map errors to clear ones."""
-        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+        from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 
         for attempt in range(self.retries + 1):
             try:
@@ -366,11 +397,13 @@ class S3Storage(Storage):
                 if attempt == self.retries:
                     raise StorageError(
                         f"S3 {what} {uri} failed after {attempt + 1} tries: cannot reach the endpoint "
-                        f"({_endpoint_url() or 'AWS default'}): {exc}"
+                        f"({_endpoint_url() or 'AWS default'}): {exc}; check AWS_ENDPOINT_URL and the network"
                     ) from exc
                 time.sleep(self.backoff_s * 2**attempt * (1 + random.random() / 2))
             except ClientError as exc:
                 raise self._client_error(what, uri, exc) from exc
+            except BotoCoreError as exc:  # no credentials, no region, bad parameters: retrying cannot help
+                raise _configuration_error(what, uri, exc) from exc
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -382,7 +415,11 @@ class S3Storage(Storage):
         if code in _MISSING_CODES or (status == 404 and code not in ("NoSuchBucket",)):
             return FileNotFoundError(f"{uri} does not exist")
         if code == "NoSuchBucket":
-            return StorageError(f"S3 {what} {uri}: the bucket does not exist (check the storage URI)")
+            bucket = uri[len("s3://") :].split("/", 1)[0]
+            return StorageError(
+                f"S3 {what} {uri}: the bucket {bucket!r} does not exist; create it or fix the URI "
+                "(SKF_STORAGE_URI, or the s3:// source given)"
+            )
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(
                 f"S3 {what} {uri}: access denied ({code}); check the AWS credentials and policy"

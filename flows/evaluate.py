@@ -5,7 +5,10 @@ metrics are computed on the version's test split, NIQE on the unpaired sets name
 Everything lands on the MLflow run behind the model: aggregate metrics, the protocol record, a per-image
 CSV, a grid of input/output/reference crops and a markdown report; the flow also publishes the table and
 the report as Prefect artifacts. An evaluation already recorded on the run (same protocol, same dataset
-versions) is not repeated.
+versions) is not repeated unless ``force`` is set (``skf evaluate --force``), which recomputes it and
+overwrites the recorded result -- e.g. after installing the weights of a metric that was unavailable.
+
+Nothing is left in the temp folder: the model is loaded from a download that is deleted right after.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 import json
 import re
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,11 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from components.errors import SKFError, UserInputError
+from components.model_registry import ModelNotFoundError, check_model_uri
 from flows.train import mlflow_client
+
+__all__ = ["DatasetObjectError", "ModelNotFoundError", "ModelRef", "evaluate_model", "run_evaluation"]
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 EVAL_TAG = "skf.eval."
@@ -30,8 +38,8 @@ GRID_IMAGES = 4
 GRID_CROP = 128
 
 
-class ModelNotFoundError(LookupError):
-    """The model reference names no run or registered model version."""
+class DatasetObjectError(SKFError):
+    """A stored dataset image cannot be used (its bytes no longer match the catalog's sha256)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,29 +52,27 @@ class ModelRef:
 
 
 def resolve_model(client: Any, model: str) -> ModelRef:
-    """A run id or ``models:/name@alias`` / ``models:/name/version`` -> the run behind it."""
-    from mlflow.exceptions import MlflowException
+    """A run id or ``models:/name@alias`` / ``models:/name/version`` -> the run behind it.
 
-    try:
-        if _RUN_ID.match(model):
-            return ModelRef(model, client.get_run(model).info.run_id)
-        if model.startswith("models:/"):
-            name, _, rest = model[len("models:/") :].partition("@")
-            if rest:
-                mv = client.get_model_version_by_alias(name, rest)
-            else:
-                name, _, number = name.partition("/")
-                mv = client.get_model_version(name, number)
-            if not mv.run_id:
-                raise ModelNotFoundError(f"{model} was not logged from a run; evaluate it by run id")
-            return ModelRef(model, mv.run_id, f"{mv.name}/{mv.version}")
-    except MlflowException as exc:
+    Unknown runs, names, aliases and versions raise :class:`ModelNotFoundError` listing what exists.
+    """
+    if _RUN_ID.match(model):
+        try:
+            check_model_uri(client, f"runs:/{model}")
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(
+                f"no model {model!r}: no MLflow run with that id at {client.tracking_uri}; pass the run id "
+                "`skf train` printed, or models:/<name>@<alias> | models:/<name>/<version>"
+            ) from exc
+        return ModelRef(model, model)
+    mv = check_model_uri(client, model) if model.startswith("models:/") else None
+    if mv is None:
         raise ModelNotFoundError(
-            f"no model {model!r} in MLflow at {client.tracking_uri}: {exc.message}"
-        ) from exc
-    raise ModelNotFoundError(
-        f"cannot evaluate {model!r}: pass a training run id (32 hex) or models:/<name>@<alias> | /<version>"
-    )
+            f"cannot evaluate {model!r}: pass a training run id (32 hex) or models:/<name>@<alias> | /<version>"
+        )
+    if not mv.run_id:
+        raise ModelNotFoundError(f"{model} was not logged from a run; evaluate it by run id")
+    return ModelRef(model, mv.run_id, f"{mv.name}/{mv.version}")
 
 
 def load_model(ref: ModelRef, device: str | torch.device) -> Any:
@@ -80,10 +86,20 @@ def load_model(ref: ModelRef, device: str | torch.device) -> Any:
     return load_enhancer(ref.uri, device=device)
 
 
-def _tensor(record: Any) -> torch.Tensor:
+def _tensor(record: Any, version_ref: str = "the dataset") -> torch.Tensor:
+    """The stored image as (3, H, W) float in [0, 1]; a corrupt object is a one-line error naming it."""
     from components.data.torch_dataset import load_rgb
+    from components.storage import IntegrityError
 
-    return torch.from_numpy(load_rgb(record).copy()).permute(2, 0, 1).float().div_(255.0)
+    try:
+        rgb = load_rgb(record)
+    except IntegrityError as exc:
+        raise DatasetObjectError(
+            f"dataset object {record.uri} (image {record.pair_key!r} of {version_ref}) does not match its "
+            f"recorded sha256 {record.sha256[:12]}...: it is corrupt or was replaced; restore it or re-ingest "
+            "the dataset (`skf ingest SOURCE --name NAME`) and evaluate the new version"
+        ) from exc
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 Progress = Callable[[int, int], None]
@@ -144,12 +160,14 @@ def run_evaluation(
     *,
     metrics: Sequence[str] | None = None,
     device: str | None = None,
+    force: bool = False,
     progress: Progress | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``version_ref``'s test pairs (and NIQE on ``unpaired_refs``); see the module doc.
 
-    ``progress(done, total)`` follows the enhanced images over all sets.
+    ``progress(done, total)`` follows the enhanced images over all sets. A recorded evaluation is
+    returned as ``skipped`` unless ``force``, which recomputes it and overwrites the record.
     """
     from mlflow.entities import Metric, RunTag
 
@@ -168,17 +186,24 @@ def run_evaluation(
     unpaired = [get_version(u) for u in unpaired_refs]
     key = eval_key(get_protocol(protocol).name, version.ref, [u.ref for u in unpaired])
     done = client.get_run(ref.run_id).data.tags.get(EVAL_TAG + key)
-    if done:
-        log(f"evaluation skipped: run {ref.run_id} already holds {key}")
-        return {**json.loads(done), "status": "skipped"}
+    previous = json.loads(done) if done else None
+    if previous is not None and not force:
+        missing = len(previous.get("unavailable") or {})
+        why = f"; {missing} metric(s) were unavailable" if missing else ""
+        log(f"evaluation skipped: run {ref.run_id} already holds {key}{why} (--force recomputes it)")
+        return {**previous, "status": "skipped"}
+    if previous is not None:
+        log(f"re-evaluating {key} on run {ref.run_id} (forced); the recorded result is overwritten")
 
     pairs = version.pairs("test")
     if not pairs:
-        raise ValueError(f"{version.ref} has no test pairs to evaluate on; ingest a layout with a test split")
+        raise UserInputError(
+            f"{version.ref} has no test pairs to evaluate on; ingest a layout with a test split"
+        )
     unpaired_records = [uv.records(role="unpaired") for uv in unpaired]
     for uv, records in zip(unpaired, unpaired_records, strict=True):
         if not records:
-            raise ValueError(f"{uv.ref} has no unpaired images; ingest it with --layout unpaired")
+            raise UserInputError(f"{uv.ref} has no unpaired images; ingest it with --layout unpaired")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     enhancer = load_model(ref, dev)
     total = len(pairs) + sum(len(r) for r in unpaired_records)
@@ -188,8 +213,8 @@ def run_evaluation(
         if progress is not None:
             progress(offset[0] + done, total)
 
-    lows = [_tensor(low) for low, _ in pairs]
-    highs = [_tensor(high) for _, high in pairs]
+    lows = [_tensor(low, version.ref) for low, _ in pairs]
+    highs = [_tensor(high, version.ref) for _, high in pairs]
     outs = _enhance(enhancer, lows, dev, step)
     offset[0] = len(pairs)
     log(f"enhanced {len(outs)} test images of {version.ref} with {ref.uri}")
@@ -206,7 +231,7 @@ def run_evaluation(
     ]
     unpaired_protocol = protocol if get_protocol(protocol).brightness == "none" else "raw"
     for uv, records in zip(unpaired, unpaired_records, strict=True):
-        outputs = _enhance(enhancer, [_tensor(r) for r in records], dev, step)
+        outputs = _enhance(enhancer, [_tensor(r, uv.ref) for r in records], dev, step)
         offset[0] += len(records)
         reports.append(
             evaluate_unpaired(
@@ -247,12 +272,28 @@ def run_evaluation(
     tags = {f"eval.{key}/{k}": v for k, v in reports[0].mlflow_params().items()}
     tags.update(reports[0].mlflow_tags())
     tags[EVAL_TAG + key] = json.dumps(summary, sort_keys=True)
+    now = int(time.time() * 1000)  # a forced rerun's values become the latest ones
     client.log_batch(
         ref.run_id,
-        metrics=[Metric(k, v, 0, 0) for k, v in values.items()],
+        metrics=[Metric(k, v, now, 0) for k, v in values.items()],
         tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
     )
+    _drop_stale_unavailable(client, ref.run_id, previous, reports)
     return {**summary, "status": "evaluated", "markdown": markdown}
+
+
+def _drop_stale_unavailable(
+    client: Any, run_id: str, previous: dict[str, Any] | None, reports: list[Any]
+) -> None:
+    """After a forced rerun, remove ``eval/unavailable/<metric>`` tags of metrics that are now computed."""
+    if not previous:
+        return
+    still = {m for r in reports for m in r.unavailable}
+    before = {name.rsplit("/", 1)[-1] for name in previous.get("unavailable") or {}}
+    tags = client.get_run(run_id).data.tags
+    for metric in sorted(before - still):
+        if f"eval/unavailable/{metric}" in tags:
+            client.delete_tag(run_id, f"eval/unavailable/{metric}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,10 +301,17 @@ def run_evaluation(
 # --------------------------------------------------------------------------------------------------
 @task(name="evaluate", tags=["gpu"])
 def evaluate_task(
-    model: str, version_ref: str, protocol: str, unpaired_refs: list[str], device: str | None
+    model: str,
+    version_ref: str,
+    protocol: str,
+    unpaired_refs: list[str],
+    device: str | None,
+    force: bool = False,
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    return run_evaluation(model, version_ref, protocol, unpaired_refs, device=device, log=logger.info)
+    return run_evaluation(
+        model, version_ref, protocol, unpaired_refs, device=device, force=force, log=logger.info
+    )
 
 
 def metric_table(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -305,16 +353,20 @@ def evaluate_model(
     protocol: str = "raw",
     unpaired_refs: list[str] | None = None,
     device: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run (id) or registered model (``models:/...``) on ``version_ref``'s test split.
 
     Returns the metrics (``test/psnr``, ...), unavailable metrics with reasons, and the URIs of the
-    per-image CSV, the crop grid and the report on the MLflow run.
+    per-image CSV, the crop grid and the report on the MLflow run. ``force`` recomputes an evaluation
+    already recorded on the run (e.g. one with unavailable metrics) and overwrites it.
     """
     from components.evaluation import get_protocol
 
     get_protocol(protocol)  # an unknown protocol fails before any work
-    result = evaluate_task(model_uri_or_run_id, version_ref, protocol, list(unpaired_refs or []), device)
+    result = evaluate_task(
+        model_uri_or_run_id, version_ref, protocol, list(unpaired_refs or []), device, force
+    )
     key = _key(f"eval-{result['run_id'][:8]}-{result['protocol']}-{result['dataset_version']}")
     create_table_artifact(table=metric_table(result), key=key + "-metrics", description="Evaluation metrics")
     create_markdown_artifact(

@@ -8,11 +8,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components.data.ingest import IngestError, ingest, summary_markdown
-from components.storage import IntegrityError
+from components.data.ingest import ingest, summary_markdown
+from components.errors import SKFError
 
-# Bad input (wrong layout, missing source, nothing valid, corrupt bytes) fails the same way on every try.
-_PERMANENT = (ValueError, LookupError, IngestError, IntegrityError)
+# Bad input (wrong layout, missing source, nothing valid, corrupt bytes, an archive over the limits) is an
+# SKFError and fails the same way on every try; so do the ValueError/LookupError of a bad argument.
+_PERMANENT = (SKFError, ValueError, LookupError)
 
 
 def _transient(_task: Any, _run: Any, state: Any) -> bool:

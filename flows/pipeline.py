@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from components.errors import SKFError
 from components.recipes import deep_merge
 from flows.train import DEFAULT_BASELINE, DEFAULT_SKB, DEFAULT_VAL_FRACTION, OFF, TrainingPlan, plan_training
 
@@ -31,7 +32,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "pipelines"
 DEMO_DIRNAME = "demo-data"
 
 
-class PresetError(ValueError):
+class PresetError(SKFError, ValueError):
     """A pipeline preset is missing or malformed."""
 
 
@@ -65,7 +66,11 @@ class _Params(BaseModel):
 class DatasetParams(_Params):
     name: str = Field("skf-demo", description="Catalog dataset name (versions are name@N).")
     source: str | None = Field(None, description="Folder, archive or s3:// prefix to ingest.")
-    layout: str = Field("auto", description="auto, lol, lol-v2-real, lol-v2-synthetic or unpaired.")
+    layout: str = Field(
+        "auto",
+        description="auto, lol, lol-v2-real, lol-v2-synthetic or unpaired; append +pair-by-order to pair "
+        "a paired layout by sort order instead of by name (recorded in the version).",
+    )
     demo: bool = Field(
         False, description="Generate the demo dataset at source (default $SKF_HOME/demo-data)."
     )
@@ -146,13 +151,10 @@ class SkfTrainParams(_Params):
     @model_validator(mode="after")
     def _check(self) -> SkfTrainParams:
         from components.data.ingest import check_dataset_name, parse_ref
-        from components.data.layouts import LAYOUTS
+        from components.data.layouts import parse_layout
         from components.evaluation import get_metric, get_protocol
 
-        if self.dataset.layout not in ("auto", *LAYOUTS):
-            raise ValueError(
-                f"dataset.layout {self.dataset.layout!r} is unknown; use auto or one of {LAYOUTS}"
-            )
+        parse_layout(self.dataset.layout)  # a LayoutError (a ValueError) names the choices
         if self.dataset.source is None and not self.dataset.demo:
             raise ValueError(
                 "dataset.source is required (a folder, archive or s3:// prefix) unless dataset.demo"

@@ -12,11 +12,14 @@ evaluation and the ``register-model`` flow load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,9 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict
 
 from components import registry
+from components.errors import SKFError, UserInputError
 from components.recipes import Recipe, load_recipe
-from components.training.tasks import SA_SPEC, SCH_SPEC, SE_SPECS
+from components.training.tasks import SA_SPEC, SCH_SPEC, SE_SPECS, check_model_overrides
 
 OFF = "off"
 DEFAULT_BASELINE = "baseline/snr-net@1"
@@ -37,9 +41,12 @@ EXPERIMENT = "skf"
 CONFIG_HASH_TAG = "skf.config_hash"
 CHECKPOINT_ARTIFACT = "checkpoints/latest.pt"
 _HASH_FORMAT = 1
+_log = logging.getLogger(__name__)
+LEASE_TTL_S = 60.0  # a training that stops renewing its lease for this long is taken over
+WAIT_POLL_S = 2.0  # how often an identical request checks whether the running one finished
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(SKFError, RuntimeError):
     """Raised by ``stop_after_step``: training stopped on purpose after a checkpointed step."""
 
 
@@ -99,10 +106,12 @@ def _switch_overrides(family: str, skf: SKFSwitches, skb: str) -> dict[str, bool
             out[key] = False
             continue
         if skb == OFF:
-            raise ValueError(f"{field}={value!r} needs semantic priors, but skb is 'off'; name an SKB spec")
+            raise UserInputError(
+                f"{field}={value!r} needs semantic priors, but skb is 'off'; name an SKB spec"
+            )
         got, want = registry.resolved_spec(value), registry.resolved_spec(expected)
         if got != want:
-            raise ValueError(
+            raise UserInputError(
                 f"{field}={got} does not fit baseline/{family}: its network is built with {want} "
                 f"(use {want!r} or 'off')"
             )
@@ -124,19 +133,20 @@ def plan_training(
     ``recipe`` defaults to ``<baseline>-skf`` (or the plain ``<baseline>`` recipe when every SKF module
     is off); ``skb_mode`` ``None`` keeps the recipe's mode. Unknown specs raise
     :class:`~components.registry.UnknownComponentError`, bad recipes/overrides
-    :class:`~components.recipes.RecipeError`, inconsistent choices :class:`ValueError`.
+    :class:`~components.recipes.RecipeError`, inconsistent choices
+    :class:`~components.errors.UserInputError`.
     """
     switches = skf if isinstance(skf, SKFSwitches) else SKFSwitches.model_validate(dict(skf or {}))
     baseline_spec = registry.resolved_spec(baseline)
     if not baseline_spec.startswith("baseline/"):
-        raise ValueError(f"baseline must be a 'baseline/...' spec, got {baseline!r}")
+        raise UserInputError(f"baseline must be a 'baseline/...' spec, got {baseline!r}")
     family = _family(baseline_spec)
     if family not in SE_SPECS:
-        raise ValueError(f"no training task for {baseline_spec}; supported: {sorted(SE_SPECS)}")
+        raise UserInputError(f"no training task for {baseline_spec}; supported: {sorted(SE_SPECS)}")
     if skb != OFF and not registry.resolved_spec(skb).startswith("skb/"):
-        raise ValueError(f"skb must be an 'skb/...' spec or 'off', got {skb!r}")
+        raise UserInputError(f"skb must be an 'skb/...' spec or 'off', got {skb!r}")
     if switches.sa not in (None, OFF) and family != "drbn":
-        raise ValueError(f"sa={switches.sa!r}: the SA loss is only defined for DRBN-SKF; use sa='off'")
+        raise UserInputError(f"sa={switches.sa!r}: the SA loss is only defined for DRBN-SKF; use sa='off'")
     switch = _switch_overrides(family, switches, skb)
     all_off = skb == OFF or all(getattr(switches, f) == OFF for f in ("se", "sch", "sa"))
     name = recipe or (family if all_off else f"{family}-skf")
@@ -145,11 +155,12 @@ def plan_training(
         merged["skf.skb_mode"] = skb_mode
     loaded = load_recipe(name, merged)
     if _family(registry.resolved_spec(loaded.baseline)) != family:
-        raise ValueError(
+        raise UserInputError(
             f"recipe {loaded.name!r} trains {loaded.baseline}, not {baseline_spec}: "
             f"choose a {family} recipe (e.g. {family!r} or '{family}-skf')"
         )
     loaded = loaded.model_copy(update={"baseline": baseline_spec})
+    check_model_overrides(baseline_spec, loaded.model)
     uses_skb = loaded.skf.enabled
     return TrainingPlan(
         recipe=loaded,
@@ -185,7 +196,7 @@ class TrainOutcome:
     checkpoint_uri: str
     config_hash: str
     dataset_version: str
-    status: str  # "trained" | "resumed" | "skipped"
+    status: str  # "trained" | "resumed" | "skipped" | "joined"
     steps: int
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     skb_pretrained: bool | None = None
@@ -199,15 +210,20 @@ def mlflow_client() -> Any:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in flow logs
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from components.settings import get_settings
 
     uri = get_settings().mlflow_tracking_uri
     mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(EXPERIMENT) is None:  # created quietly (set_experiment logs to stderr)
+        with contextlib.suppress(MlflowException):  # a concurrent command created it first
+            client.create_experiment(EXPERIMENT)
     # Fluent calls (Model.log inside registration) create logged models in the *active* experiment; on
     # the file store a model outside its run's experiment cannot be read back, so make ours the active one.
     mlflow.set_experiment(EXPERIMENT)
-    return MlflowClient(tracking_uri=uri)
+    return client
 
 
 def _finished_mlflow_run(client: Any, digest: str) -> Any:
@@ -268,7 +284,9 @@ def ensure_priors(version_ref: str, skb: Any, splits: tuple[str, ...] = ("train"
 
     summary = precompute_priors(version_ref, skb.spec, skb=skb, splits=splits)
     if summary.failed:
-        raise RuntimeError(
+        from components.prior_cache import MissingPriorsError
+
+        raise MissingPriorsError(
             f"priors missing for {summary.failed} training image(s) of {version_ref}: "
             f"{next(iter(summary.errors.items()))}; run `skf precompute {version_ref}` and fix them"
         )
@@ -307,6 +325,249 @@ def log_package(plan: TrainingPlan, skb: Any, checkpoint: Path, run_id: str) -> 
     return log_enhancer_package(Enhancer(net.cpu(), skb, spec), run_id)
 
 
+def _done_run(client: Any, row: dict[str, Any] | None, digest: str) -> Any:
+    """The finished MLflow run of this configuration, from the catalog row or (no row) from MLflow tags."""
+    if row is not None and row["status"] == "finished" and row["run_id"]:
+        return client.get_run(row["run_id"])
+    if row is None:
+        return _finished_mlflow_run(client, digest)
+    return None
+
+
+def _reused(done: Any, plan: TrainingPlan, skb: Any, digest: str, version: Any, status: str) -> TrainOutcome:
+    """The outcome of a finished run read back from MLflow (a skipped or joined request)."""
+    return TrainOutcome(
+        run_id=done.info.run_id,
+        checkpoint_uri=f"{done.info.artifact_uri}/{CHECKPOINT_ARTIFACT}",
+        config_hash=digest,
+        dataset_version=version.ref,
+        status=status,
+        steps=int(done.data.params.get("trainer.iterations", plan.recipe.train.iterations)),
+        metrics={k: v for k, v in done.data.metrics.items() if k.startswith(("train/", "val/"))},
+        skb_pretrained=None if skb is None else bool(skb.pretrained),
+    )
+
+
+def _record_reuse(catalog: Any, row: dict[str, Any] | None, done: Any, digest: str, version_id: int) -> None:
+    """Backfill the catalog row of a run MLflow knows as finished (a concurrent backfill may win)."""
+    from sqlalchemy.exc import IntegrityError as RowConflict
+
+    if row is not None and row["status"] == "finished":
+        return
+    with contextlib.suppress(RowConflict):
+        _upsert_row(
+            catalog,
+            None if row is None else row["id"],
+            dataset_version_id=version_id,
+            config_hash=digest,
+            mlflow_run_id=done.info.run_id,
+            status="finished",
+            checkpoint_uri=f"{done.info.artifact_uri}/{CHECKPOINT_ARTIFACT}",
+            finished_at=dt.datetime.now(dt.UTC),
+        )
+
+
+def _wait_for_lease(
+    catalog: Any, digest: str, version_id: int, holder: str, log: Callable[[str], None]
+) -> Any:
+    """Claim the run's lease, waiting while another live process trains the same configuration.
+
+    Returns the :class:`~components.catalog.leases.Claim`: acquired, or not acquired with status
+    "finished" (the other process trained it: this request joins its result).
+    """
+    from components.catalog.leases import claim_run
+
+    announced: str | None = None
+    while True:
+        claim = claim_run(catalog, digest, version_id, holder, LEASE_TTL_S)
+        if claim.acquired or claim.status == "finished":
+            return claim
+        if claim.holder != announced:
+            announced = claim.holder
+            log(
+                f"config {digest[:12]} is being trained by {claim.holder} (MLflow run {claim.run_id}); "
+                "waiting to join its result"
+            )
+        time.sleep(WAIT_POLL_S)
+
+
+def _explain(exc: BaseException, version: Any) -> BaseException | None:
+    """A clearer one-line error for failures that have a known fix (None: keep the original)."""
+    from components.storage import IntegrityError
+
+    if isinstance(exc, IntegrityError):
+        return IntegrityError(
+            f"dataset {version.ref} has a corrupt stored object: {exc}. Re-ingest the dataset "
+            f"(`skf ingest {version.source_uri} --name {version.name}`) to store it again"
+        )
+    return None
+
+
+def _record_failure(catalog: Any, row_id: int, holder: str, logger: Any, status: str) -> None:
+    """Mark the run failed in the catalog (if it is still there and ours) and in MLflow; never raises.
+
+    The failure being reported matters more than a second one while recording it, so those are logged.
+    """
+    from components.catalog.leases import update_leased
+
+    try:
+        catalog.check_present()
+        update_leased(catalog, row_id, holder, status="failed", lease_holder=None, lease_expires_at=None)
+    except Exception as exc:
+        _log.warning("could not mark training run %d failed in the catalog: %s", row_id, exc)
+    if logger is None:
+        return
+    try:
+        logger.close(status)
+    except Exception as exc:
+        _log.warning("could not mark MLflow run %s %s: %s", logger.run_id, status, exc)
+
+
+def _datasets_for(version: Any, plan: TrainingPlan, val_fraction: float) -> tuple[Any, Any]:
+    """:func:`_datasets`, with a dataset that cannot be trained on reported as a one-line user error."""
+    try:
+        return _datasets(version, plan, val_fraction)
+    except ValueError as exc:
+        if isinstance(exc, SKFError):
+            raise
+        raise UserInputError(
+            f"dataset {version.ref} cannot be trained on: {exc}; choose another version or --val-fraction"
+        ) from exc
+
+
+@dataclasses.dataclass
+class _Job:
+    """What one leased training needs (kept together so the steps stay small functions)."""
+
+    plan: TrainingPlan
+    version: Any
+    skb: Any
+    digest: str
+    catalog: Any
+    client: Any
+    row_id: int
+    holder: str
+    previous_run: str | None
+    val_fraction: float
+    device: str | None
+
+
+def _open_logger(job: _Job) -> Any:
+    from components.settings import get_settings
+    from components.training.mlflow_logger import MlflowLogger
+
+    tags = {
+        CONFIG_HASH_TAG: job.digest,
+        "skf.dataset_version": job.version.ref,
+        "skf.recipe": job.plan.recipe.name,
+        "skf.baseline": job.plan.baseline,
+        "skf.skb": job.plan.skb or OFF,
+    }
+    return MlflowLogger(
+        get_settings().mlflow_tracking_uri,
+        EXPERIMENT,
+        run_id=job.previous_run,
+        run_name=f"{job.plan.recipe.name}-{job.version.ref}-{job.digest[:8]}",
+        tags=None if job.previous_run else tags,  # a continued run already carries them
+    )
+
+
+def _fit(job: _Job, logger: Any, run_dir: Path, on_progress: Callable[[Any], None]) -> Any:
+    """Priors, datasets, the training loop and the enhancer package: everything that may fail."""
+    from components.prior_cache import PriorCache
+    from components.settings import get_settings
+    from components.storage import open_storage
+    from components.training.tasks import train
+
+    plan, version, skb = job.plan, job.version, job.skb
+    cache = None
+    if skb is not None and plan.recipe.skf.skb_mode == "cached":
+        ensure_priors(version.ref, skb)
+        cache = PriorCache(open_storage(get_settings().storage_uri), job.catalog, skb.fingerprint)
+    train_ds, val_loader = _datasets_for(version, plan, job.val_fraction)
+    fit = train(
+        plan.recipe,
+        train_ds,
+        val_loader,
+        run_dir=run_dir,
+        skb=skb,
+        prior_cache=cache,
+        baseline_spec=plan.baseline,
+        logger=logger,
+        progress=on_progress,
+        resume=True,
+        params={"dataset.version": version.ref, "dataset.manifest": version.manifest_sha256},
+        device=job.device,
+    )
+    if fit.checkpoint is None:
+        raise RuntimeError(f"training of {plan.recipe.name} ended without a checkpoint in {run_dir}")
+    log_package(plan, skb, fit.checkpoint, logger.run_id)
+    return fit
+
+
+def _train_leased(
+    job: _Job,
+    keeper: Any,
+    *,
+    progress: Callable[[Any], None] | None,
+    stop_after_step: int | None,
+    log: Callable[[str], None],
+) -> TrainOutcome:
+    """Train while holding the run's lease; the row and the MLflow run end finished or failed, never running."""
+    from components.catalog.leases import LeaseLostError, release_lease, update_leased
+    from components.settings import get_settings
+
+    run_dir = get_settings().home / "runs" / job.digest[:16]
+    resuming = bool(job.previous_run) and (run_dir / "checkpoints" / "latest.pt").is_file()
+    logger = None
+    try:
+        logger = _open_logger(job)
+        if not update_leased(job.catalog, job.row_id, job.holder, mlflow_run_id=logger.run_id):
+            raise LeaseLostError(
+                f"training run {job.row_id} was taken over before it started; rerun the command"
+            )
+        log(
+            f"{'resuming' if resuming else 'training'} {job.plan.recipe.name} on {job.version.ref} "
+            f"(config {job.digest[:12]}, MLflow run {logger.run_id}, run dir {run_dir})"
+        )
+
+        def on_progress(p: Any) -> None:
+            keeper.check()
+            if progress is not None:
+                progress(p)
+            if stop_after_step is not None and p.step >= stop_after_step:
+                raise TrainingInterrupted(f"stopped after step {p.step} (stop_after_step={stop_after_step})")
+
+        fit = _fit(job, logger, run_dir, on_progress)
+        checkpoint_uri = f"{job.client.get_run(logger.run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
+        release_lease(
+            job.catalog,
+            job.row_id,
+            job.holder,
+            status="finished",
+            checkpoint_uri=checkpoint_uri,
+            finished_at=dt.datetime.now(dt.UTC),
+        )
+    except BaseException as exc:
+        killed = isinstance(exc, TrainingInterrupted | KeyboardInterrupt)
+        _record_failure(job.catalog, job.row_id, job.holder, logger, "KILLED" if killed else "FAILED")
+        clearer = _explain(exc, job.version)
+        if clearer is not None:
+            raise clearer from exc
+        raise
+    logger.close("FINISHED")
+    return TrainOutcome(
+        run_id=logger.run_id,
+        checkpoint_uri=checkpoint_uri,
+        config_hash=job.digest,
+        dataset_version=job.version.ref,
+        status="resumed" if resuming else "trained",
+        steps=fit.step,
+        metrics={**{f"train/{k}": v for k, v in fit.train_metrics.items()}, **fit.val_metrics},
+        skb_pretrained=None if job.skb is None else bool(job.skb.pretrained),
+    )
+
+
 def run_training(
     version_ref: str,
     plan: TrainingPlan,
@@ -319,19 +580,18 @@ def run_training(
 ) -> TrainOutcome:
     """Train ``plan`` on ``version_ref`` unless a finished run with the same config hash exists.
 
-    Resumes an unfinished run of the same hash from ``$SKF_HOME/runs/<hash[:16]>/checkpoints``.
+    Resumes an unfinished run of the same hash from ``$SKF_HOME/runs/<hash[:16]>/checkpoints``. While
+    another process holds the run's lease (it is training the same configuration), this one waits and
+    then returns that run's result (status ``joined``), or takes the run over if that process dies.
     ``stop_after_step`` raises :class:`TrainingInterrupted` once that step is done (checkpoint it by
     choosing a multiple of ``train.ckpt_every``) -- how tests and drills exercise resumption.
     """
     from components.catalog import open_catalog
+    from components.catalog.leases import LeaseKeeper, new_holder_id
     from components.data.ingest import get_version
-    from components.prior_cache import PriorCache
-    from components.settings import get_settings
-    from components.storage import open_storage
-    from components.training.mlflow_logger import MlflowLogger
-    from components.training.tasks import train
 
-    settings = get_settings()
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserInputError(f"--val-fraction {val_fraction} must be in [0, 1), e.g. 0.1")
     catalog = open_catalog()
     version = get_version(version_ref, catalog=catalog)
     skb = build_skb(plan, device)
@@ -343,114 +603,22 @@ def run_training(
     )
     client = mlflow_client()
     row = _run_row(catalog, digest, version.id)
-    done = None
-    if row is not None and row["status"] == "finished" and row["run_id"]:
-        done = client.get_run(row["run_id"])
-    elif row is None:
-        done = _finished_mlflow_run(client, digest)
+    done = _done_run(client, row, digest)
     if done is not None:
         log(f"training skipped: run {done.info.run_id} already trained config {digest[:12]} on {version.ref}")
-        if row is None or row["status"] != "finished":
-            _upsert_row(
-                catalog,
-                None if row is None else row["id"],
-                dataset_version_id=version.id,
-                config_hash=digest,
-                mlflow_run_id=done.info.run_id,
-                status="finished",
-                checkpoint_uri=f"{done.info.artifact_uri}/{CHECKPOINT_ARTIFACT}",
-                finished_at=dt.datetime.now(dt.UTC),
-            )
-        return TrainOutcome(
-            run_id=done.info.run_id,
-            checkpoint_uri=f"{done.info.artifact_uri}/{CHECKPOINT_ARTIFACT}",
-            config_hash=digest,
-            dataset_version=version.ref,
-            status="skipped",
-            steps=int(done.data.params.get("trainer.iterations", plan.recipe.train.iterations)),
-            metrics={k: v for k, v in done.data.metrics.items() if k.startswith(("train/", "val/"))},
-            skb_pretrained=None if skb is None else bool(skb.pretrained),
-        )
+        _record_reuse(catalog, row, done, digest, version.id)
+        return _reused(done, plan, skb, digest, version, "skipped")
 
-    cache = None
-    if skb is not None and plan.recipe.skf.skb_mode == "cached":
-        ensure_priors(version.ref, skb)
-        cache = PriorCache(open_storage(settings.storage_uri), catalog, skb.fingerprint)
-
-    run_dir = settings.home / "runs" / digest[:16]
-    resuming = row is not None and bool(row["run_id"]) and (run_dir / "checkpoints" / "latest.pt").is_file()
-    tags = {
-        CONFIG_HASH_TAG: digest,
-        "skf.dataset_version": version.ref,
-        "skf.recipe": plan.recipe.name,
-        "skf.baseline": plan.baseline,
-        "skf.skb": plan.skb or OFF,
-    }
-    previous_run = row["run_id"] if row is not None and row["run_id"] else None
-    logger = MlflowLogger(
-        settings.mlflow_tracking_uri,
-        EXPERIMENT,
-        run_id=previous_run,
-        run_name=f"{plan.recipe.name}-{version.ref}-{digest[:8]}",
-        tags=None if previous_run else tags,  # a continued run already carries them
+    holder = new_holder_id()
+    claim = _wait_for_lease(catalog, digest, version.id, holder, log)
+    if not claim.acquired:
+        log(f"joined: run {claim.run_id} trained config {digest[:12]} on {version.ref} meanwhile")
+        return _reused(client.get_run(claim.run_id), plan, skb, digest, version, "joined")
+    job = _Job(
+        plan, version, skb, digest, catalog, client, claim.row_id, holder, claim.run_id, val_fraction, device
     )
-    row_id = _upsert_row(
-        catalog,
-        None if row is None else row["id"],
-        dataset_version_id=version.id,
-        config_hash=digest,
-        mlflow_run_id=logger.run_id,
-        status="running",
-    )
-    log(
-        f"{'resuming' if resuming else 'training'} {plan.recipe.name} on {version.ref} "
-        f"(config {digest[:12]}, MLflow run {logger.run_id}, run dir {run_dir})"
-    )
-
-    def on_progress(p: Any) -> None:
-        if progress is not None:
-            progress(p)
-        if stop_after_step is not None and p.step >= stop_after_step:
-            raise TrainingInterrupted(f"stopped after step {p.step} (stop_after_step={stop_after_step})")
-
-    train_ds, val_loader = _datasets(version, plan, val_fraction)
-    try:
-        fit = train(
-            plan.recipe,
-            train_ds,
-            val_loader,
-            run_dir=run_dir,
-            skb=skb,
-            prior_cache=cache,
-            baseline_spec=plan.baseline,
-            logger=logger,
-            progress=on_progress,
-            resume=True,
-            params={"dataset.version": version.ref, "dataset.manifest": version.manifest_sha256},
-            device=device,
-        )
-        if fit.checkpoint is None:
-            raise RuntimeError(f"training of {plan.recipe.name} ended without a checkpoint in {run_dir}")
-        log_package(plan, skb, fit.checkpoint, logger.run_id)
-    except BaseException:
-        _upsert_row(catalog, row_id, status="failed")
-        logger.close("KILLED" if stop_after_step is not None else "FAILED")
-        raise
-    checkpoint_uri = f"{client.get_run(logger.run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
-    _upsert_row(
-        catalog, row_id, status="finished", checkpoint_uri=checkpoint_uri, finished_at=dt.datetime.now(dt.UTC)
-    )
-    logger.close("FINISHED")
-    return TrainOutcome(
-        run_id=logger.run_id,
-        checkpoint_uri=checkpoint_uri,
-        config_hash=digest,
-        dataset_version=version.ref,
-        status="resumed" if resuming else "trained",
-        steps=fit.step,
-        metrics={**{f"train/{k}": v for k, v in fit.train_metrics.items()}, **fit.val_metrics},
-        skb_pretrained=None if skb is None else bool(skb.pretrained),
-    )
+    with LeaseKeeper(catalog, claim.row_id, holder, LEASE_TTL_S) as keeper:
+        return _train_leased(job, keeper, progress=progress, stop_after_step=stop_after_step, log=log)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Discriminator of SKF's semantic-guided adversarial (SA) loss (skf-method.md §4.1, 4,725,377 params).
+"""Discriminator of SKF's semantic-guided adversarial (SA) loss (docs/method.md §5.1; 4,725,377 params).
 
 A VGG-style conv/BN/ReLU stack with two entry convs picked by the input's channel count: ``conv1`` for a
 plain RGB image and ``conv0`` for the image concatenated with the class probabilities (3 + 59 = 62 ch).

@@ -1,4 +1,4 @@
-"""DRBN — Deep Recursive Band Network (Yang et al., CVPR 2020), with SKF's SE blocks (skf-method.md §2.3).
+"""DRBN — Deep Recursive Band Network (Yang et al., CVPR 2020), with SKF's SE blocks (docs/method.md §6).
 
 Four recurrences ``recur1..recur4`` of the same band network. Each one predicts the image coarse-to-fine at
 1/4, 1/2 and 1/1 resolution and hands its features and outputs to the next. For SKF the network is split

@@ -242,7 +242,7 @@ def _transition(prev: Sequence[int], cur: Sequence[int], momentum: float) -> nn.
 
 
 def _fuse_layer(i: int, j: int, channels: Sequence[int], momentum: float) -> nn.Module | None:
-    """Path from branch ``j`` into branch ``i`` (see skf-method.md 1.2)."""
+    """Path from branch ``j`` into branch ``i`` (see docs/method.md §2.1)."""
     if j == i:
         return None
     if j > i:  # 1x1 conv to C_i; the bilinear upsampling happens in forward

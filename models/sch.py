@@ -1,4 +1,4 @@
-"""SCH: semantic-guided colour histograms (skf-method.md §3), vectorised.
+"""SCH: semantic-guided colour histograms (docs/method.md §4), vectorised.
 
 For each image ``n``, class ``k`` (hard label map) and channel ``c`` the soft histogram is
 

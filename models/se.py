@@ -1,4 +1,4 @@
-"""SE: the Semantic-aware Embedding module of SKF (channel-transposed cross-attention, skf-method.md §2).
+"""SE: the Semantic-aware Embedding module of SKF (channel-transposed cross-attention, docs/method.md §3).
 
 Image features ``R`` (B×C×h×w) attend to semantic features ``S`` (B×Cs×hs×ws) across *channels*
 (Restormer MDTA style): the query comes from the semantics, key and value from the image. Sub-module and

@@ -1,4 +1,4 @@
-"""SNR-Aware low-light enhancement network (Xu et al., CVPR 2022) with SKF's SE blocks (skf-method.md §2.3).
+"""SNR-Aware low-light enhancement network (Xu et al., CVPR 2022) with SKF's SE blocks (docs/method.md §6).
 
 Encoder: three convs (1/1, 1/2, 1/4) → residual blocks at 1/4. Two branches at 1/4 are blended by the SNR
 mask: a local residual-CNN branch (``recon_trunk_light``) where the signal-to-noise ratio is high, and a
@@ -19,7 +19,7 @@ SDSD repository was read instead); the binary checkpoints themselves were not av
 
 Differences from the official code:
 * inputs are reflect-padded bottom/right to a multiple of 16 and the output is cropped back (official
-  ``test()`` does not pad, so for W=600 the 4×4 fold leaves the last feature columns zero, §8.11, and
+  ``test()`` does not pad, so for W=600 the 4×4 fold leaves the last feature columns zero, docs/method.md §10.2, and
   sizes that are not multiples of 4 crash); the SNR mask is computed before padding and padded the same
   way, as in the official ``test4()``; semantic priors are aligned with :func:`models.padding.fit_prior`;
 * the unused coordinate grid (``xs``) and the ``.cuda()`` call in the forward pass are dropped;
@@ -51,7 +51,7 @@ def box_blur(x: Tensor, size: int = 5) -> Tensor:
 
 
 def snr_mask(low: Tensor, blurred: Tensor | None = None, eps: float = 1e-4) -> Tensor:
-    """SNR map in [0, 1] (B×1×H×W) of a low-light RGB image in [0, 1] (skf-method.md §5.1).
+    """SNR map in [0, 1] (B×1×H×W) of a low-light RGB image in [0, 1] (docs/method.md §6).
 
     With luma L of ``low`` and L̄ of its 5×5 box blur: m = L̄ / (|L − L̄| + eps), divided by its per-image
     maximum (+ eps) and clamped to [0, 1]. High values mark smooth, well-exposed (high-SNR) regions.

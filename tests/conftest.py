@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -31,7 +32,6 @@ for _k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "A
     os.environ.pop(_k, None)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_WEIGHTS = REPO_ROOT.parent / "shared" / "weights"
 
 
 def free_port() -> int:
@@ -63,11 +63,23 @@ def weights_dirs(skf_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     return {"torch_home": torch_home, "store": store}
 
 
+@pytest.fixture()
+def unbundled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Hide the weight files bundled with the package, so only the cache and the store can supply them."""
+    from components import weights
+
+    empty = tmp_path / "no-bundled-weights"
+    empty.mkdir()
+    monkeypatch.setattr(weights, "BUNDLED_DIR", empty)
+    return empty
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 HTTP endpoint (moto's threaded server) on loopback, for real boto3 calls."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # per-request lines leak into captured stderr
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -106,8 +118,11 @@ def _postgres_url() -> str | None:
 
 
 @pytest.fixture()
-def postgres_url() -> Iterator[str]:
-    """A fresh schema on the real PostgreSQL server; fails (not skips) in CI when the server is absent."""
+def postgres_url(skf_home: Path) -> Iterator[str]:
+    """A fresh schema on the real PostgreSQL server; fails (not skips) in CI when the server is absent.
+
+    Depends on ``skf_home`` so the catalog's "it existed" marker lands in the test's home, not the checkout.
+    """
     url = _postgres_url()
     if url is None:
         if os.environ.get("CI"):

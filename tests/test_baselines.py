@@ -204,7 +204,7 @@ def test_drbn_sem_callable_gets_the_recurrence3_image_and_gradients_reach_everyt
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     se_grads = [p.grad.abs().sum() for n, p in model.named_parameters() if "fuseblk" in n]
     assert all(g > 0 for g in se_grads)
-    # DRBN-SKF backpropagates through the priors into recurrences 1-3 (skf-method.md §1.5)
+    # DRBN-SKF backpropagates through the priors into recurrences 1-3 (docs/method.md §2.5)
     assert model.recur1.SFENet1.weight.grad.abs().sum() > 0
 
 

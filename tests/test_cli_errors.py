@@ -121,3 +121,10 @@ def test_bad_limit_settings_are_user_errors(monkeypatch, capsys, var, value, nee
     monkeypatch.setattr(registry, "entries", lambda kind=None: get_settings())
     code, err = _run(["components"], capsys)
     assert code == 2 and needle in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("ref", ["nope@99", "demo@x"])
+def test_precompute_with_a_bad_dataset_ref_is_one_line(ref: str, skf_home, capsys) -> None:
+    code, err = _run(["precompute", ref, "--skb", "skb/hrnet-w18-small-test@1"], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert ref.split("@")[0] in err

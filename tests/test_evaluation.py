@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import importlib.util
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_WEIGHTS
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from components import weights
 from components.evaluation import evaluate_pairs, evaluate_unpaired, get_protocol
 
 # pyiqa's published NIQE scores ("niqe(ours)" row of ResultsCalibra/calibration_summary.csv in the pyiqa
@@ -112,7 +113,7 @@ def test_paper_gt_mean_truncates_with_swapped_gray_weights() -> None:
 
 
 def test_missing_weights_make_metrics_unavailable_not_zero(
-    weights_dirs: dict[str, Path], tmp_path: Path
+    weights_dirs: dict[str, Path], unbundled: Path, tmp_path: Path
 ) -> None:
     out, ref = _random_uint8(2, 16, 16, seed=6), _random_uint8(2, 16, 16, seed=7)
     report = evaluate_pairs(out, ref, "raw")
@@ -145,9 +146,8 @@ def test_bad_inputs_raise_clear_errors(weights_dirs: dict[str, Path]) -> None:
 
 
 def test_niqe_reproduces_pyiqa_calibration(weights_dirs: dict[str, Path]) -> None:
-    source = SHARED_WEIGHTS / "niqe_modelparameters.mat"
-    assert source.is_file(), f"{source} is missing: the shared weights folder must sit beside the repo"
-    shutil.copy(source, weights_dirs["store"] / source.name)  # found through SKF_WEIGHTS_URI, copied to cache
+    # Nothing in the store or the cache: the copy bundled with the package is verified and cached.
+    assert not any(weights_dirs["store"].iterdir())
     site = Path(importlib.util.find_spec("pyiqa").origin).parents[1]
     images = [
         torch.from_numpy(np.array(Image.open(site / "ResultsCalibra" / "dist_dir" / n).convert("RGB")))
@@ -159,10 +159,21 @@ def test_niqe_reproduces_pyiqa_calibration(weights_dirs: dict[str, Path]) -> Non
     assert not report.unavailable
     for row in report.rows:
         assert row["niqe"] == pytest.approx(NIQE_CALIBRATION[row["name"]], abs=0.01), row["name"]
-    assert (weights_dirs["torch_home"] / "hub" / "pyiqa" / source.name).is_file()
+    assert (weights_dirs["torch_home"] / "hub" / "pyiqa" / "niqe_modelparameters.mat").is_file()
 
 
-def _write_random_lpips_weights(torch_home: Path, lin_shape_ok: bool = True) -> None:
+def _pin_test_files(monkeypatch: pytest.MonkeyPatch, paths: list[Path]) -> None:
+    """Pin test-made files in place of the published digests, which only the real files have."""
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    pinned = tuple(
+        dataclasses.replace(s, sha256=digests.get(s.name, s.sha256)) for s in weights.KNOWN_WEIGHTS
+    )
+    monkeypatch.setattr(weights, "KNOWN_WEIGHTS", pinned)
+
+
+def _write_random_lpips_weights(
+    torch_home: Path, monkeypatch: pytest.MonkeyPatch, lin_shape_ok: bool = True
+) -> None:
     """A random AlexNet backbone and random LPIPS layers under the names pyiqa/torchvision look for."""
     from torchvision.models import alexnet
 
@@ -176,10 +187,19 @@ def _write_random_lpips_weights(torch_home: Path, lin_shape_ok: bool = True) -> 
     lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(channels)}
     (torch_home / "hub" / "pyiqa").mkdir(parents=True)
     torch.save(lins, torch_home / "hub" / "pyiqa" / "LPIPS_v0.1_alex-df73285e.pth")
+    _pin_test_files(
+        monkeypatch,
+        [
+            torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth",
+            torch_home / "hub" / "pyiqa" / "LPIPS_v0.1_alex-df73285e.pth",
+        ],
+    )
 
 
-def test_lpips_loads_weights_from_the_cache(weights_dirs: dict[str, Path]) -> None:
-    _write_random_lpips_weights(weights_dirs["torch_home"])
+def test_lpips_loads_weights_from_the_cache(
+    weights_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_random_lpips_weights(weights_dirs["torch_home"], monkeypatch)
     out, ref = _random_uint8(2, 64, 64, seed=10), _random_uint8(2, 64, 64, seed=11)
     report = evaluate_pairs(torch.cat([out, ref]), torch.cat([ref, ref]), "paper", ("lpips",), device="cpu")
     assert "lpips" not in report.unavailable
@@ -189,9 +209,28 @@ def test_lpips_loads_weights_from_the_cache(weights_dirs: dict[str, Path]) -> No
     assert values[2] == pytest.approx(0.0, abs=1e-6) and values[3] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_lpips_file_with_wrong_layers_is_unavailable(weights_dirs: dict[str, Path]) -> None:
-    _write_random_lpips_weights(weights_dirs["torch_home"], lin_shape_ok=False)
+def test_lpips_file_with_wrong_layers_is_unavailable(
+    weights_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_random_lpips_weights(weights_dirs["torch_home"], monkeypatch, lin_shape_ok=False)
     out = _random_uint8(1, 32, 32, seed=12)
     report = evaluate_pairs(out, out, "raw", ("psnr", "lpips"))
     assert "lin4.model.1.weight" in report.unavailable["lpips"].reason
     assert report.aggregates["lpips"] is None and report.aggregates["psnr"] == pytest.approx(80.0)
+
+
+def test_bundled_niqe_is_verified_before_use(
+    weights_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from components import weights
+
+    status = {r.name: r for r in weights.weights_status()}["niqe_modelparameters.mat"]
+    assert status.present and status.path == str(weights.BUNDLED_DIR / "niqe_modelparameters.mat")
+    assert "bundled" in status.note and not status.refused
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    (tampered / "niqe_modelparameters.mat").write_bytes(b"MATLAB 5.0 but not the published statistics")
+    monkeypatch.setattr(weights, "BUNDLED_DIR", tampered)
+    report = evaluate_unpaired(_random_uint8(1, 16, 16, seed=3))
+    assert "niqe" in report.unavailable and "not the pinned" in report.unavailable["niqe"].reason
+    assert not weights.cache_path("niqe_modelparameters.mat").exists()

@@ -28,7 +28,7 @@ def _conv_bn_keys(prefix: str) -> list[str]:
 
 
 def _expected_w48_keys() -> list[str]:
-    """The official key list, generated independently from the naming rules in skf-method.md 1.2."""
+    """The official key list, generated independently from the naming rules in docs/method.md §2.1."""
     keys = ["conv1.weight", *(f"bn1.{k}" for k in BN_KEYS), "conv2.weight", *(f"bn2.{k}" for k in BN_KEYS)]
     for b in range(4):
         for n in (1, 2, 3):

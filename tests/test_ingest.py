@@ -68,7 +68,7 @@ def _bad_lol_tree(root: Path) -> dict[str, str]:
         "our485/high/empty.png": "unpaired-leftover",
         "our485/low/cut.png": "truncated",
         "our485/high/cut.png": "unpaired-leftover",
-        "our485/low/gone.png": "unreadable",
+        "our485/low/gone.png": "symlink",  # links are refused, never followed (was: unreadable)
         "our485/high/gone.png": "unpaired-leftover",
         "our485/low/big.png": "decompression-bomb",
         "our485/high/big.png": "decompression-bomb",
@@ -193,22 +193,27 @@ def test_failure_halfway_leaves_no_half_version(tmp_path, catalog, storage, monk
         str(make_lol(tmp_path / "old", train=1, test=1, seed=7)), name="lol", catalog=catalog, storage=storage
     )
     before = (_count(catalog, DatasetVersion), _count(catalog, Image))
-    real_put = storage.put_bytes
     calls = {"n": 0}
 
-    def flaky_put(key, data, **kw):
-        calls["n"] += 1
-        if key.startswith(fail_on) and calls["n"] > 2:
-            raise OSError("disk full")
-        return real_put(key, data, **kw)
+    def flaky(real):  # images are streamed with put_file, reports written with put_bytes
+        def put(key, data, **kw):
+            calls["n"] += 1
+            if key.startswith(fail_on) and calls["n"] > 2:
+                raise OSError("disk full")
+            return real(key, data, **kw)
 
-    monkeypatch.setattr(storage, "put_bytes", flaky_put)
+        return put
+
+    real_puts = {m: getattr(storage, m) for m in ("put_bytes", "put_file")}
+    for method, real in real_puts.items():
+        monkeypatch.setattr(storage, method, flaky(real))
     with pytest.raises(OSError, match="disk full"):
         ingest(str(root), name="lol", catalog=catalog, storage=storage)
     assert (_count(catalog, DatasetVersion), _count(catalog, Image)) == before
     assert get_version("lol", catalog=catalog).version == 1
 
-    monkeypatch.setattr(storage, "put_bytes", real_put)
+    for method, real in real_puts.items():
+        monkeypatch.setattr(storage, method, real)
     assert ingest(str(root), name="lol", catalog=catalog, storage=storage).version == 2
 
 
@@ -322,10 +327,10 @@ def test_ingest_flow_returns_summary_and_artifact(prefect_harness, skf_home: Pat
     assert artifacts and "not-an-image" in artifacts[0].data
 
 
-def test_cli_ingest_and_demo_data(skf_home: Path, tmp_path: Path) -> None:
+def test_cli_ingest_and_demo_data(skf_home: Path, tmp_path: Path, capsys) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli import app, main
 
     runner = CliRunner()
     root = make_lol(tmp_path / "src", train=2, test=1)
@@ -334,8 +339,13 @@ def test_cli_ingest_and_demo_data(skf_home: Path, tmp_path: Path) -> None:
     assert ok.exit_code == 0, ok.output
     assert "cli@1" in ok.output and "empty-file" in ok.output
 
-    bad = runner.invoke(app, ["ingest", str(tmp_path / "missing"), "--name", "cli"])
-    assert bad.exit_code == 2 and "does not exist" in " ".join(bad.output.split())
+    # Errors propagate to the CLI boundary (flows.cli.main), which prints one line.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ingest", str(tmp_path / "missing"), "--name", "cli"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "does not exist" in err
+    assert len(err.strip().splitlines()) == 1
 
     demo = runner.invoke(app, ["demo-data", str(tmp_path / "demo"), "--pairs", "1"])
     assert demo.exit_code == 0, demo.output

@@ -62,14 +62,19 @@ def test_lol_v2_synthetic_pairs_by_identical_name(tmp_path: Path) -> None:
     assert sorted(_pairs(scan)) == ["test/r0", "test/r1", "train/r0", "train/r1"]
 
 
-def test_sorted_order_fallback_when_no_name_matches(tmp_path: Path) -> None:
+def test_sorted_order_pairing_is_an_explicit_opt_in_recorded_in_the_layout(tmp_path: Path) -> None:
+    # Formerly the default fallback when no name matched; now names only, unless pair_by="order" is asked.
     base = tmp_path / "Real_captured" / "Train"
     for i, (lo, hi) in enumerate([("a.png", "x.png"), ("b.png", "y.png")]):
         write_png(base / "Low" / lo, i)
         write_png(base / "Normal" / hi, 10 + i)
-    pairs = _pairs(scan_layout(tmp_path))
-    assert pairs["train/a"]["high"].endswith("Normal/x.png")
-    assert pairs["train/b"]["high"].endswith("Normal/y.png")
+    by_name = scan_layout(tmp_path)
+    assert by_name.entries == [] and len(by_name.leftovers) == 4
+    for scan in (scan_layout(tmp_path, pair_by="order"), scan_layout(tmp_path, "lol-v2-real+pair-by-order")):
+        assert scan.layout == "lol-v2-real+pair-by-order" and scan.paired
+        pairs = _pairs(scan)
+        assert pairs["train/a"]["high"].endswith("Normal/x.png")
+        assert pairs["train/b"]["high"].endswith("Normal/y.png")
 
 
 def test_unmatched_files_become_leftovers(tmp_path: Path) -> None:

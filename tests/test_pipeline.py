@@ -146,7 +146,7 @@ def test_presets_and_prefect_yaml_deployments_validate() -> None:
     [
         ({"components": {"se": "se/nope@1"}}, "unknown component 'se/nope@1'"),
         ({"components": {"skb": "skb/hrnet-w99@1"}}, "unknown component 'skb/hrnet-w99@1'"),
-        ({"dataset": {"layout": "lol-v3"}}, "dataset.layout 'lol-v3' is unknown"),
+        ({"dataset": {"layout": "lol-v3"}}, "unknown layout 'lol-v3'; choose one of"),
         ({"training": {"overrides": {"train.iterationz": 3}}}, "train.iterationz: unknown key"),
         ({"evaluation": {"protocol": "vibes"}}, "vibes"),
         ({"registry": {"promotion": {"guards": {"fid": 0.1}}}}, "unknown metric 'fid'"),
@@ -291,8 +291,7 @@ def _cli() -> Any:
 
 
 def test_parse_overrides_reads_yaml_values() -> None:
-    import typer
-
+    from components.errors import UserInputError
     from flows.commands.pipeline import parse_overrides
 
     assert parse_overrides(["train.iterations=100", "optimizer.lr=2.0e-4", "skf.se=false"]) == {
@@ -300,16 +299,24 @@ def test_parse_overrides_reads_yaml_values() -> None:
         "optimizer.lr": 2e-4,
         "skf.se": False,
     }
-    with pytest.raises(typer.BadParameter, match="expected KEY=VALUE"):
+    with pytest.raises(UserInputError, match="expected KEY=VALUE"):
         parse_overrides(["train.iterations"])
+    with pytest.raises(UserInputError, match=r"--set model.nf='!!python/object/apply:os.getcwd \[\]'"):
+        parse_overrides(["model.nf=!!python/object/apply:os.getcwd []"])  # safe_load: no tags, no code
+    with pytest.raises(UserInputError, match="not a plain YAML value"):
+        parse_overrides(["train.iterations=[1, 2"])
 
 
-def test_cli_train_rejects_a_bad_request_before_work(skf_home: Path) -> None:
-    from typer.testing import CliRunner
+def test_cli_train_rejects_a_bad_request_before_work(
+    skf_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
 
-    result = CliRunner().invoke(_cli(), ["train", "tiny@1", "--se", "se/restormer-xattn-gdfn@1"])
-    assert result.exit_code == 2
-    assert "does not fit baseline/snr-net" in result.output
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "tiny@1", "--se", "se/restormer-xattn-gdfn@1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "does not fit baseline/snr-net" in err and "\n" not in err
     assert _datasets() == []
 
 

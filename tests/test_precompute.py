@@ -145,7 +145,8 @@ def test_flow_publishes_a_summary(prefect_harness: None, dataset: str) -> None:
         state.result()
 
 
-def test_cli_reports_progress_and_summary(dataset: str) -> None:
+def test_cli_reports_progress_and_summary(dataset: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main as cli_main
     from flows.commands import priors
 
     app = typer.Typer()
@@ -158,8 +159,11 @@ def test_cli_reports_progress_and_summary(dataset: str) -> None:
     second = runner.invoke(app, ["precompute", dataset, "--skb", SMALL_SKB])
     assert second.exit_code == 0 and "cached (skipped)" in second.output
 
-    bad = runner.invoke(app, ["precompute", "nope@1", "--skb", SMALL_SKB])
-    assert bad.exit_code == 2 and "no dataset named 'nope'" in bad.output
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as bad:  # through the CLI's error boundary: one line on stderr
+        cli_main(["precompute", "nope@1", "--skb", SMALL_SKB])
+    err = capsys.readouterr().err
+    assert bad.value.code == 2 and err.startswith("error: no dataset named 'nope'") and err.count("\n") == 1
 
 
 def test_summary_rows_cover_every_count() -> None:

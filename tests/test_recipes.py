@@ -1,4 +1,4 @@
-"""Typed training recipes: shipped defaults (skf-method.md §5), inheritance, overrides, clear errors."""
+"""Typed training recipes: shipped defaults (docs/method.md §7), inheritance, overrides, clear errors."""
 
 from __future__ import annotations
 

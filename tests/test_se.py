@@ -1,4 +1,4 @@
-"""SE block: parameter counts and key names of every official instance, the §2.1 maths, gradients, AMP."""
+"""SE block: parameter counts and key names of every official instance, the docs/method.md §3.1 maths, gradients, AMP."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# (spec, kwargs, params) for every SE instance of skf-method.md §2.2.
+# (spec, kwargs, params) for every SE instance of docs/method.md §3.2.
 INSTANCES = [
     ("se/restormer-xattn-dual-gated@1", {"sem_channels": 192, "channels": 64}, 113_590),  # SNR att_block_3
     ("se/restormer-xattn-dual-gated@1", {"sem_channels": 96, "channels": 64}, 107_446),  # SNR att_block_2
@@ -112,7 +112,7 @@ def _layer_norm(x, norm):
 
 
 def _reference(se: SemanticEmbedding, x, s, approximate: str):
-    """Straight transcription of skf-method.md §2.1 (steps 1-5) with the module's weights."""
+    """Straight transcription of docs/method.md §3.1 (steps 1-5) with the module's weights."""
     a, heads = se.attn, se.attn.heads
     b, c, h, w = x.shape
     s = F.interpolate(s, size=x.shape[-2:], mode="nearest")
@@ -297,7 +297,7 @@ def test_split_pointwise_depthwise_equals_the_joint_convs_and_gives_dense_halves
 )
 def test_gradients_match_spec_reference(sem_size, ffn, gelu, approximate):
     """The hand-written attention backward (and the low-resolution prior path) give autograd's gradients
-    of the plain §2.1 transcription, for both inputs and every parameter."""
+    of the plain §3.1 transcription, for both inputs and every parameter."""
     torch.manual_seed(3)
     se = SemanticEmbedding(12, 8, ffn=ffn, gelu=gelu).double()
     _randomise(se)

@@ -271,7 +271,9 @@ def test_s3_connection_error_retried(bucket: str, attempts: list[str]) -> None:
 def test_s3_non_transient_errors_fail_at_once(bucket: str, attempts: list[str]) -> None:
     missing = S3Storage(f"{bucket}-missing", client=make_s3_client())
     _count_sends(missing.client, attempts)
-    with pytest.raises(StorageError, match=rf"s3://{bucket}-missing/k: the bucket does not exist"):
+    with pytest.raises(
+        StorageError, match=rf"s3://{bucket}-missing/k: the bucket '{bucket}-missing' does not exist"
+    ):
         missing.put_bytes("k", b"v")
     assert attempts == ["PUT"]
 

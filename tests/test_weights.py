@@ -8,20 +8,25 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import SHARED_WEIGHTS
 from typer.testing import CliRunner
 
 from components import weights
 from components.storage import IntegrityError, open_storage
+from flows.cli import main as cli_main
 from flows.commands import weights as weights_cli
 
 NIQE = "niqe_modelparameters.mat"
 HRNET = "hrnet_w48_pascal_context_cls59_480x480.pth"
 
 
+@pytest.fixture(autouse=True)
+def _store_only(unbundled: Path) -> None:
+    """These tests exercise the cache and the store; the bundled NIQE copy has its own test below."""
+
+
 def _niqe_source() -> Path:
-    source = SHARED_WEIGHTS / NIQE
-    assert source.is_file(), f"{source} is missing: the shared weights folder must sit beside the repo"
+    source = Path(weights.__file__).parent / "evaluation" / "assets" / NIQE  # real copy; bundle hidden
+    assert source.is_file(), f"{source} is missing: it ships with the package"
     return source
 
 
@@ -35,8 +40,10 @@ def test_known_weights_and_cache_paths_follow_torch_home(weights_dirs: dict[str,
     hub = weights_dirs["torch_home"] / "hub"
     assert weights.cache_path(NIQE) == hub / "pyiqa" / NIQE
     assert weights.cache_path("alexnet-owt-7be5be79.pth") == hub / "checkpoints" / "alexnet-owt-7be5be79.pth"
-    assert weights.get_spec("alexnet-owt-7be5be79.pth").sha256_prefix == "7be5be79"
-    assert weights.get_spec(HRNET).sha256_prefix is None
+    for name in (NIQE, "LPIPS_v0.1_alex-df73285e.pth", "alexnet-owt-7be5be79.pth"):
+        digest = weights.get_spec(name).sha256
+        assert digest and len(digest) == 64, name  # full published digests, never a name prefix
+    assert weights.get_spec(HRNET).sha256 is None  # no published digest: the operator must pin it
 
 
 def test_status_then_sync_from_a_folder(weights_dirs: dict[str, Path]) -> None:
@@ -70,15 +77,18 @@ def test_sync_rejects_corrupt_files_and_leaves_no_copy(weights_dirs: dict[str, P
     assert not weights.cache_path(alexnet).exists()
 
 
-def test_sha256_sidecar_is_honoured(weights_dirs: dict[str, Path]) -> None:
+def test_sha256_sidecar_is_not_trusted_and_unpinned_files_are_refused(weights_dirs: dict[str, Path]) -> None:
     data = b"pretend HRNet checkpoint"
     (weights_dirs["store"] / HRNET).write_bytes(data)
-    (weights_dirs["store"] / f"{HRNET}.sha256").write_text("0" * 64 + f"  {HRNET}\n")
-    with pytest.raises(IntegrityError):
-        weights.sync_weights(names=[HRNET])
     (weights_dirs["store"] / f"{HRNET}.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
-    (row,) = weights.sync_weights(names=[HRNET])
-    assert row.present and weights.cache_path(HRNET).read_bytes() == data
+    with pytest.raises(weights.UnpinnedWeightError, match="no sha256 is pinned"):
+        weights.sync_weights(names=[HRNET])
+    assert not weights.cache_path(HRNET).exists()
+    with pytest.raises(IntegrityError, match="not the pinned"):
+        weights.sync_weights(names=[HRNET], pins={HRNET: "0" * 64})
+    assert not weights.cache_path(HRNET).exists()
+    (row,) = weights.sync_weights(names=[HRNET], pins={HRNET: hashlib.sha256(data).hexdigest()})
+    assert row.note == "synced" and weights.cache_path(HRNET).read_bytes() == data
 
 
 def test_ensure_local_copies_on_demand(weights_dirs: dict[str, Path]) -> None:
@@ -117,9 +127,12 @@ def test_cli_status_before_and_after_sync(weights_dirs: dict[str, Path]) -> None
     assert "│ yes " in status and weights.get_spec(NIQE).sha256[:16] in status
 
 
-def test_cli_sync_reports_integrity_errors(weights_dirs: dict[str, Path]) -> None:
-    app = typer.Typer()
-    weights_cli.register(app)
+def test_cli_sync_reports_integrity_errors(
+    weights_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     (weights_dirs["store"] / NIQE).write_bytes(b"corrupt")
-    result = CliRunner().invoke(app, ["weights", "sync"])
-    assert result.exit_code == 1 and "error:" in result.output
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["weights", "sync"])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(weights_dirs["store"] / NIQE) in err

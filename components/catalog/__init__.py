@@ -1,6 +1,15 @@
 """The catalog: datasets and their immutable versions, images, quarantine, prior cache, training runs."""
 
-from components.catalog.db import Catalog, close_catalogs, open_catalog, upgrade
+from components.catalog.db import (
+    RESET_ENV,
+    Catalog,
+    CatalogError,
+    CatalogLostError,
+    close_catalogs,
+    masked_url,
+    open_catalog,
+    upgrade,
+)
 from components.catalog.models import (
     Base,
     Dataset,
@@ -12,8 +21,11 @@ from components.catalog.models import (
 )
 
 __all__ = [
+    "RESET_ENV",
     "Base",
     "Catalog",
+    "CatalogError",
+    "CatalogLostError",
     "Dataset",
     "DatasetVersion",
     "Image",
@@ -21,6 +33,7 @@ __all__ = [
     "QuarantinedInput",
     "TrainingRun",
     "close_catalogs",
+    "masked_url",
     "open_catalog",
     "upgrade",
 ]

@@ -142,7 +142,14 @@ class PriorCacheEntry(Base):
 
 
 class TrainingRun(Base):
+    """One training configuration on one dataset version; its lease says which process trains it now.
+
+    ``lease_holder``/``lease_expires_at`` are taken and renewed with conditional UPDATEs
+    (:mod:`components.catalog.leases`), so two identical ``skf train`` runs never train into one MLflow run.
+    """
+
     __tablename__ = "training_runs"
+    __table_args__ = (UniqueConstraint("config_hash", "dataset_version_id", name="uq_training_run_config"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"))
@@ -152,3 +159,5 @@ class TrainingRun(Base):
     checkpoint_uri: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=_now)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    lease_holder: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)

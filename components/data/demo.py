@@ -106,7 +106,7 @@ def generate_demo_dataset(
     if any(t.exists() for t in targets):
         if not overwrite:
             raise FileExistsError(
-                f"{out} already holds a demo dataset (our485/ or eval15/); pass overwrite=True"
+                f"{out} already holds a demo dataset (our485/ or eval15/); pass --overwrite (overwrite=True) to replace it"
             )
         for t in targets:
             shutil.rmtree(t, ignore_errors=True)

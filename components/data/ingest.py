@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,8 +31,16 @@ from components.data.records import (
     VersionSummary,
     count_by_split_role,
 )
-from components.data.sources import materialize
-from components.data.validation import DEFAULT_MAX_PIXELS, QuarantineRecord, ValidatedEntry, validate_scan
+from components.data.sources import materialize, scratch_dir
+from components.data.validation import (
+    InvalidImage,
+    QuarantineRecord,
+    ValidatedEntry,
+    open_source_file,
+    resolve_limits,
+    validate_scan,
+)
+from components.errors import SKFError, UserInputError
 from components.settings import get_settings
 from components.storage import open_storage
 
@@ -50,14 +59,20 @@ __all__ = [
 
 Progress = Callable[[int, int], None]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_CHUNK = 1 << 20
+_COMMIT_TRIES = 5
+# Key of DatasetVersion.changes holding {rel_path: conversion} (the catalog has no per-image JSON column).
+_CONVERSIONS = "conversions"
 
 
-class IngestError(RuntimeError):
+class IngestError(SKFError, RuntimeError):
     """The source was readable but yielded nothing to ingest."""
 
 
-class DatasetNotFoundError(LookupError):
+class DatasetNotFoundError(SKFError, LookupError):
     """No dataset (or version) with the requested name/number."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -74,6 +89,8 @@ class IngestResult:
     changes: dict[str, list[str]] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     report_uri: str | None = None
+    # rel_path -> what loading the stored (original) bytes as RGB does, for images that are not plain RGB.
+    conversions: dict[str, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -115,6 +132,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += [f"| {reason} | {n} |" for reason, n in summary["quarantine_reasons"].items()]
     if summary["ignored"]:
         lines += ["", f"{len(summary['ignored'])} file(s) outside the layout's folders were ignored."]
+    if summary.get("conversions"):
+        lines += [
+            "",
+            f"{len(summary['conversions'])} image(s) are not plain RGB; see the report for how each loads.",
+        ]
     if summary.get("report_uri"):
         lines += ["", f"Full report: `{summary['report_uri']}`"]
     return "\n".join(lines) + "\n"
@@ -161,14 +183,15 @@ def _default_storage() -> Any:
 
 
 def check_dataset_name(name: str) -> None:
-    """Raise ``ValueError`` unless ``name`` is a valid catalog dataset name (versions are ``name@N``)."""
+    """Raise :class:`UserInputError` unless ``name`` is a valid dataset name (versions are ``name@N``)."""
     if not _NAME.match(name):
-        raise ValueError(
+        raise UserInputError(
             f"invalid dataset name {name!r}: use letters, digits, '.', '_' or '-' (no '@' or '/'), e.g. 'lol-v2-real'"
         )
 
 
 def _summary(v: Any) -> dict[str, Any]:
+    changes = {k: val for k, val in (v.changes or {}).items() if k != _CONVERSIONS}
     return {
         "name": v.dataset.name,
         "version": v.version,
@@ -178,11 +201,11 @@ def _summary(v: Any) -> dict[str, Any]:
         "source_uri": v.source_uri,
         "image_count": v.image_count,
         "created_at": v.created_at,
-        "changes": dict(v.changes or {}),
+        "changes": changes,
     }
 
 
-def _image_record(img: Any) -> ImageRecord:
+def _image_record(img: Any, conversions: dict[str, str] | None = None) -> ImageRecord:
     return ImageRecord(
         sha256=img.sha256,
         split=img.split,
@@ -192,11 +215,15 @@ def _image_record(img: Any) -> ImageRecord:
         width=img.width,
         height=img.height,
         rel_path=img.rel_path,
+        conversion=(conversions or {}).get(img.rel_path, ""),
     )
 
 
 def _version_record(v: Any) -> DatasetVersionRecord:
-    images = sorted((_image_record(i) for i in v.images), key=lambda r: (r.split, r.pair_key, r.role))
+    conversions = (v.changes or {}).get(_CONVERSIONS, {})
+    images = sorted(
+        (_image_record(i, conversions) for i in v.images), key=lambda r: (r.split, r.pair_key, r.role)
+    )
     return DatasetVersionRecord(**_summary(v), images=tuple(images))
 
 
@@ -235,6 +262,7 @@ def _quarantine_report(result: IngestResult) -> tuple[bytes, bytes]:
         "reasons": result.quarantine_reasons(),
         "quarantined": [q.to_dict() for q in result.quarantined],
         "ignored": result.ignored,
+        "conversions": result.conversions,
     }
     md = [f"# Quarantine report for `{result.ref}`", "", f"Source: `{result.source_uri}`", ""]
     if result.quarantined:
@@ -245,6 +273,9 @@ def _quarantine_report(result: IngestResult) -> tuple[bytes, bytes]:
     if result.ignored:
         md += ["", "Files outside the layout's folders (not ingested):", ""]
         md += [f"- `{p}`" for p in result.ignored]
+    if result.conversions:
+        md += ["", "Images stored as-is that are not plain RGB (how each is converted when loaded):", ""]
+        md += [f"- `{p}`: {c}" for p, c in sorted(result.conversions.items())]
     return json.dumps(payload, indent=2).encode(), ("\n".join(md) + "\n").encode()
 
 
@@ -257,15 +288,18 @@ def ingest(
     catalog: Any = None,
     storage: Any = None,
     progress: Progress | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> IngestResult:
     """Ingest ``source`` (folder, archive or ``s3://`` prefix) as a new version of dataset ``name``.
 
     Returns the existing version (``created=False``) when identical content was ingested before.
-    Raises :class:`~components.data.layouts.LayoutError` when the source matches no layout, and
+    ``max_pixels``/``max_bytes`` default to SKF_MAX_IMAGE_PIXELS/SKF_MAX_FILE_BYTES. Raises
+    :class:`~components.data.layouts.LayoutError` when the source matches no layout, and
     :class:`IngestError` when no valid image is left after validation.
     """
     check_dataset_name(name)
+    max_pixels, max_bytes = resolve_limits(max_pixels, max_bytes)
     catalog = catalog if catalog is not None else open_catalog()
     storage = storage if storage is not None else _default_storage()
     report = progress or (lambda done, total: None)
@@ -274,7 +308,7 @@ def ingest(
         scan = scan_layout(src.root, layout, label=src.uri)
         n_files = len(scan.entries) + len(scan.leftovers)
         validation = validate_scan(
-            scan, max_pixels=max_pixels, progress=lambda done: report(done, 2 * n_files)
+            scan, max_pixels=max_pixels, max_bytes=max_bytes, progress=lambda done: report(done, 2 * n_files)
         )
         quarantined = [QuarantineRecord(r.rel_path, r.reason, r.detail) for r in src.refused]
         quarantined += validation.quarantined
@@ -298,6 +332,7 @@ def ingest(
             counts=count_by_split_role((split, role) for split, role, _, _ in items),
             quarantined=quarantined,
             ignored=list(scan.ignored),
+            conversions={v.entry.rel_path: v.info.conversion for v in valid if v.info.conversion},
         )
 
         existing = _existing(catalog, name, manifest_sha)
@@ -306,7 +341,7 @@ def ingest(
             return _as_existing(base, existing)
 
         total = n_files + len(valid)
-        uris = _store_images(storage, src.root, valid, lambda done: report(n_files + done, total))
+        uris = _store_images(storage, src, valid, lambda done: report(n_files + done, total))
 
     return _commit_version(catalog, storage, base, valid, uris)
 
@@ -323,108 +358,165 @@ def _as_existing(base: IngestResult, existing: DatasetVersionRecord) -> IngestRe
     return base
 
 
+def _copy_verified(src: Any, item: ValidatedEntry, dest: Path) -> None:
+    """Copy the validated file to ``dest`` (re-opened safely), failing if it changed since validation."""
+    rel = item.entry.rel_path
+    h, size = hashlib.sha256(), 0
+    try:
+        with open_source_file(src.root, rel) as f, open(dest, "wb") as out:
+            while (chunk := f.read(_CHUNK)) and size <= item.info.nbytes:
+                size += len(chunk)
+                h.update(chunk)
+                out.write(chunk)
+    except InvalidImage as exc:
+        raise IngestError(f"{src.uri}: {rel} changed while being ingested ({exc.detail}); retry") from exc
+    if (size, h.hexdigest()) != (item.info.nbytes, item.info.sha256):
+        raise IngestError(f"{src.uri}: {rel} changed while being ingested; retry when the source is stable")
+
+
 def _store_images(
-    storage: Any, root: Any, valid: list[ValidatedEntry], progress: Callable[[int], None]
+    storage: Any, src: Any, valid: list[ValidatedEntry], progress: Callable[[int], None]
 ) -> dict[str, str]:
-    """Put every valid image into storage (skipping content already there); return sha256 -> URI."""
+    """Put every valid image into storage (skipping content already there); return sha256 -> URI.
+
+    Files are streamed through a private scratch copy whose hash is checked against validation, so memory
+    stays bounded and a file swapped after validation is never stored under the old content's key.
+    """
     uris: dict[str, str] = {}
-    for done, item in enumerate(valid, start=1):
-        sha = item.info.sha256
-        if sha not in uris:
-            key = image_key(sha, item.info.ext)
-            if storage.exists(key):
-                uris[sha] = storage.uri_for(key)
-            else:
-                # Hash-checked put: a file changed since validation fails here instead of being stored.
-                uris[sha] = storage.put_bytes(key, (root / item.entry.rel_path).read_bytes(), sha256=sha)
-        progress(done)
+    with scratch_dir() as tmp:
+        for done, item in enumerate(valid, start=1):
+            sha = item.info.sha256
+            if sha not in uris:
+                key = image_key(sha, item.info.ext)
+                if storage.exists(key):
+                    uris[sha] = storage.uri_for(key)
+                else:
+                    copy = tmp / "image"
+                    _copy_verified(src, item, copy)
+                    uris[sha] = storage.put_file(key, copy)
+                    copy.unlink()
+            progress(done)
     return uris
+
+
+def _lock_dataset(session: Session, name: str) -> Any:
+    """The dataset row, created if needed, with version allocation for it serialised until commit.
+
+    The no-op UPDATE comes first in the transaction: on SQLite it takes the database write lock (a
+    concurrent ingest waits for the busy timeout), on PostgreSQL the dataset's row lock. Two first-time
+    creators race on the unique name instead; the loser's IntegrityError is retried by the caller.
+    """
+    session.execute(
+        sa.update(Dataset).where(Dataset.name == name).values(name=name),
+        execution_options={"synchronize_session": False},
+    )
+    dataset = session.scalars(sa.select(Dataset).where(Dataset.name == name)).first()
+    if dataset is None:
+        dataset = Dataset(name=name)
+        session.add(dataset)
+        session.flush()
+    return dataset
 
 
 def _commit_version(
     catalog: Any, storage: Any, base: IngestResult, valid: list[ValidatedEntry], uris: dict[str, str]
 ) -> IngestResult:
+    """Write the version in one transaction, retrying when a concurrent ingest took the number first."""
+    for attempt in range(1, _COMMIT_TRIES + 1):
+        try:
+            return _commit_once(catalog, storage, base, valid, uris)
+        except IntegrityError:
+            # A concurrent ingest committed first: identical content means its version is ours too.
+            existing = _existing(catalog, base.dataset, base.manifest_sha256)
+            if existing is not None:
+                return _as_existing(base, existing)
+            if attempt == _COMMIT_TRIES:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _commit_once(
+    catalog: Any, storage: Any, base: IngestResult, valid: list[ValidatedEntry], uris: dict[str, str]
+) -> IngestResult:
     items = [(v.entry.split, v.entry.role, v.entry.pair_key, v.info.sha256) for v in valid]
-    try:
-        with catalog.session() as session:
-            dataset = session.scalars(sa.select(Dataset).where(Dataset.name == base.dataset)).first()
-            if dataset is None:
-                dataset = Dataset(name=base.dataset)
-                session.add(dataset)
-                session.flush()
-            parent = _latest_version(session, dataset.id)
-            old_items = (
-                _manifest_items([_image_record(i) for i in parent.images]) if parent is not None else []
-            )
-            changes = diff_versions(old_items, items)
-            version = DatasetVersion(
-                dataset_id=dataset.id,
-                version=(parent.version + 1) if parent is not None else 1,
-                manifest_sha256=base.manifest_sha256,
-                source_uri=base.source_uri,
-                layout=base.layout,
-                parent_id=parent.id if parent is not None else None,
-                changes=changes,
-                image_count=len(valid),
-            )
-            session.add(version)
-            session.flush()
-            session.add_all(
-                Image(
-                    version_id=version.id,
-                    sha256=v.info.sha256,
-                    split=v.entry.split,
-                    role=v.entry.role,
-                    pair_key=v.entry.pair_key,
-                    rel_path=v.entry.rel_path,
-                    uri=uris[v.info.sha256],
-                    width=v.info.width,
-                    height=v.info.height,
-                )
-                for v in valid
-            )
-            session.add_all(
-                QuarantinedInput(
-                    dataset_id=dataset.id,
-                    version_id=version.id,
-                    source_uri=base.source_uri,
-                    rel_path=q.rel_path,
-                    reason=q.reason,
-                    detail=q.detail,
-                    sha256=q.sha256,
-                )
-                for q in base.quarantined
-            )
-            session.flush()
-            base.version, base.version_id, base.created, base.changes = (
-                version.version,
-                version.id,
-                True,
-                changes,
-            )
-            # Written before the commit: whenever the version exists, its report exists too.
-            report_json, report_md = _quarantine_report(base)
-            stem = f"reports/{base.dataset}/v{version.version}-quarantine"
-            base.report_uri = storage.put_bytes(f"{stem}.json", report_json)
-            storage.put_bytes(f"{stem}.md", report_md)
-    except IntegrityError:
-        # A concurrent ingest committed first: identical content means its version is ours too.
-        existing = _existing(catalog, base.dataset, base.manifest_sha256)
-        if existing is None:
-            raise
-        return _as_existing(base, existing)
+    with catalog.session() as session:
+        dataset = _lock_dataset(session, base.dataset)
+        same = _find_version(session, base.dataset, base.manifest_sha256)
+        if same is not None:  # committed by an ingest we waited for
+            return _as_existing(base, _version_record(same))
+        parent = _latest_version(session, dataset.id)
+        old_items = _manifest_items([_image_record(i) for i in parent.images]) if parent is not None else []
+        changes = diff_versions(old_items, items)
+        version = DatasetVersion(
+            dataset_id=dataset.id,
+            version=(parent.version + 1) if parent is not None else 1,
+            manifest_sha256=base.manifest_sha256,
+            source_uri=base.source_uri,
+            layout=base.layout,
+            parent_id=parent.id if parent is not None else None,
+            changes={**changes, _CONVERSIONS: base.conversions} if base.conversions else changes,
+            image_count=len(valid),
+        )
+        session.add(version)
+        session.flush()
+        session.add_all(_image_rows(version.id, valid, uris))
+        session.add_all(_quarantine_rows(dataset.id, version.id, base))
+        session.flush()
+        base.version, base.version_id, base.created, base.changes = version.version, version.id, True, changes
+        # Written before the commit: whenever the version exists, its report exists too. The dataset lock
+        # is held, so no concurrent ingest can be writing the same report key.
+        report_json, report_md = _quarantine_report(base)
+        stem = f"reports/{base.dataset}/v{version.version}-quarantine"
+        base.report_uri = storage.put_bytes(f"{stem}.json", report_json)
+        storage.put_bytes(f"{stem}.md", report_md)
     return base
+
+
+def _image_rows(version_id: int, valid: list[ValidatedEntry], uris: dict[str, str]) -> list[Image]:
+    return [
+        Image(
+            version_id=version_id,
+            sha256=v.info.sha256,
+            split=v.entry.split,
+            role=v.entry.role,
+            pair_key=v.entry.pair_key,
+            rel_path=v.entry.rel_path,
+            uri=uris[v.info.sha256],
+            width=v.info.width,
+            height=v.info.height,
+        )
+        for v in valid
+    ]
+
+
+def _quarantine_rows(dataset_id: int, version_id: int, base: IngestResult) -> list[QuarantinedInput]:
+    return [
+        QuarantinedInput(
+            dataset_id=dataset_id,
+            version_id=version_id,
+            source_uri=base.source_uri,
+            rel_path=q.rel_path,
+            reason=q.reason,
+            detail=q.detail,
+            sha256=q.sha256,
+        )
+        for q in base.quarantined
+    ]
 
 
 # --------------------------------------------------------------------------------------------- queries
 def parse_ref(ref: str) -> tuple[str, int | None]:
-    """``"name@3"`` -> ("name", 3); ``"name"`` -> ("name", None) meaning the latest version."""
-    name, sep, number = ref.partition("@")
-    if not sep or number in ("", "latest"):
+    """``"name@3"`` -> ("name", 3); ``"name"`` or ``"name@latest"`` -> ("name", None) meaning the latest."""
+    name, sep, number = ref.strip().partition("@")
+    if not name:
+        raise UserInputError(f"invalid dataset reference {ref!r}: it has no dataset name; write e.g. 'lol@1'")
+    check_dataset_name(name)
+    if not sep or number == "latest":
         return name, None
-    if not number.isdigit():
-        raise ValueError(
-            f"invalid dataset reference {ref!r}: expected 'name' or 'name@N' (N a version number)"
+    if not (number.isascii() and number.isdigit()) or int(number) < 1:
+        raise UserInputError(
+            f"invalid dataset reference {ref!r}: the version after '@' must be a whole number from 1 "
+            f"or 'latest', e.g. '{name}@1' or just '{name}' for the latest version"
         )
     return name, int(number)
 
@@ -460,11 +552,12 @@ def get_version(ref: str, *, catalog: Any = None) -> DatasetVersionRecord:
             ).all()
             if known:
                 raise DatasetNotFoundError(
-                    f"dataset {name!r} has no version {number}; versions: {sorted(known)}"
+                    f"dataset {name!r} has no version {number}; it has versions "
+                    f"{', '.join(map(str, sorted(known)))}: use e.g. '{name}@{max(known)}'"
                 )
             names = session.scalars(sa.select(Dataset.name).order_by(Dataset.name)).all()
             raise DatasetNotFoundError(
-                f"no dataset named {name!r} in the catalog; known datasets: {', '.join(names) or 'none'} "
+                f"no dataset named {name!r} in the catalog; known datasets: {', '.join(names[:20]) or 'none'} "
                 "(ingest one with `skf ingest SOURCE --name NAME`)"
             )
         return _version_record(v)

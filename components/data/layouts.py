@@ -1,46 +1,80 @@
 """Recognise the directory layouts low-light datasets ship in, and turn them into labelled file entries.
 
-Supported trees (directory names are matched case-insensitively):
+Supported trees (directory names are matched case-insensitively, file names exactly):
 
-* ``lol``: ``our485/{low,high}`` (train) and ``eval15/{low,high}`` (test), identical file names;
-* ``lol-v2-real`` / ``lol-v2-synthetic``: ``Real_captured|Synthetic/{Train,Test}/{Low,Normal}``; the official
-  test folders were renamed ``{low,high}``, so both spellings are accepted. Low/normal files are paired by
-  identical name, else by the name without its role prefix (``low00001``/``normal00001``), else - only when
-  no name matches at all and both sides have as many files - by sorted order, as the official loaders do;
+* ``lol``: ``our485/{low,high}`` (train) and ``eval15/{low,high}`` (test) with identical file names, usually
+  wrapped in ``LOLdataset/``; a source that *is* ``our485/`` or ``eval15/`` is read as that one split;
+* ``lol-v2-real`` / ``lol-v2-synthetic``: ``Real_captured|Synthetic/{Train,Test}/{Low,Normal}`` (test folders
+  sometimes spelled ``{low,high}``). Accepted as ``LOL-v2/`` (holding either or both subsets: name the
+  subset when both are there), as ``Real_captured/`` or ``Synthetic/`` itself (the folder, or the last
+  segment of an ``s3://`` prefix, gives the subset), or as a bare ``{Train,Test}/{Low,Normal}`` tree when the
+  layout is named explicitly;
 * ``unpaired``: images directly in a folder, or one level down in per-set subfolders (MEF, LIME, NPE, DICM).
 
-The scan only labels files; whether a file is a usable image is decided by :mod:`components.data.validation`.
-Every file inside a role folder becomes an entry or a leftover, so nothing in the layout is dropped silently.
+Pairs are made by name only: identical stem (``r000da54ft.png`` in both folders), else identical after
+stripping the role prefix (``low00001.png`` / ``normal00001.png``). A file without a partner, or whose name
+pairs with several files, is a leftover (quarantined as ``unpaired-leftover``, the detail names the missing
+partner). Pairing by sorted order is an explicit opt-in (``pair_by="order"``, or a layout written
+``lol-v2-real+pair-by-order``), and the recorded layout string then carries ``+pair-by-order``.
+
+``auto`` never reads a paired tree as unpaired images: low/high folders it cannot place raise
+:class:`LayoutError` saying which ``--layout`` to pass.
+
+The scan never opens, or follows, anything: entries are typed with ``lstat`` semantics. Symlinks (to files
+or folders, inside the source or not) are *refused* as ``symlink``, FIFOs, sockets and devices as
+``special-file``, and files whose name is not UTF-8 as ``non-utf8-name`` (the name shown with ``\\xNN``
+escapes, so it can be stored as text). ``LayoutScan.refused`` is quarantined as it is, never read.
+Whether a regular file is a usable image is decided by :mod:`components.data.validation`. Every file below
+the root is an entry, a leftover, refused, or listed as ignored (outside the layout's folders), so nothing
+is dropped silently.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from components.errors import SKFError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
+    "NON_UTF8_NAME",
+    "PAIR_BY",
+    "PAIR_BY_ORDER_SUFFIX",
+    "SPECIAL_FILE",
+    "SYMLINK",
+    "UNPAIRED_LEFTOVER",
     "Entry",
     "LayoutError",
     "LayoutScan",
     "Leftover",
     "detect_layout",
+    "parse_layout",
     "scan_layout",
 ]
 
 LAYOUTS: tuple[str, ...] = ("lol", "lol-v2-real", "lol-v2-synthetic", "unpaired")
+PAIR_BY: tuple[str, ...] = ("name", "order")
+PAIR_BY_ORDER_SUFFIX = "+pair-by-order"
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 )
+# Quarantine reasons the scan assigns, in validation's vocabulary (it assigns the per-content ones, and
+# refuses links and special files again when it opens a file).
+UNPAIRED_LEFTOVER = "unpaired-leftover"
+SYMLINK = "symlink"
+SPECIAL_FILE = "special-file"  # FIFO, socket, device
+NON_UTF8_NAME = "non-utf8-name"
 
 _EXPECTED_TREES = (
     "  lol:              our485/{low,high}/*, eval15/{low,high}/*  (same file names in low and high)\n"
-    "  lol-v2-real:      Real_captured/{Train,Test}/{Low,Normal}/*  (or {low,high})\n"
-    "  lol-v2-synthetic: Synthetic/{Train,Test}/{Low,Normal}/*  (or {low,high})\n"
+    "  lol-v2-real:      Real_captured/{Train,Test}/{Low,Normal}/*  (or {low,high}; low00001/normal00001)\n"
+    "  lol-v2-synthetic: Synthetic/{Train,Test}/{Low,Normal}/*  (or {low,high}; same names)\n"
     "  unpaired:         images directly in the folder, or in per-set subfolders (MEF/, LIME/, NPE/, DICM/)"
 )
 _LOL_SPLITS = {"our485": "train", "eval15": "test"}
@@ -48,11 +82,21 @@ _V2_ROOTS = {"lol-v2-real": "real_captured", "lol-v2-synthetic": "synthetic"}
 _V2_SPLITS = {"train": "train", "test": "test"}
 _LOW_DIRS = ("low",)
 _HIGH_DIRS = ("high", "normal")
-_ROLE_PREFIX = re.compile(r"^(low|normal|high)[_\-]?", re.IGNORECASE)
+_PREFIXES = {
+    "low": re.compile(r"^low[_-]?(?=.)", re.I),
+    "high": re.compile(r"^(?:normal|high)[_-]?(?=.)", re.I),
+}
+_PARTNER_PREFIXES = {"low": ("normal", "high"), "high": ("low",)}
+_SPECIAL_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
 _MAX_WRAPPER_DEPTH = 3  # archives often wrap the dataset in one or two top-level folders
 
 
-class LayoutError(ValueError):
+class LayoutError(SKFError, ValueError):
     """The source does not look like any supported layout (or matches several)."""
 
 
@@ -60,226 +104,413 @@ class LayoutError(ValueError):
 class Entry:
     """One file of the layout: where it is (relative to the scanned root) and what it is."""
 
-    rel_path: str  # POSIX path relative to the source root
-    split: str  # train | test | unpaired
-    role: str  # low | high | unpaired
-    pair_key: str  # "<split>/<name>" for pairs, the relative path for unpaired images
+    rel_path: str  # POSIX path relative to the source root, always valid UTF-8 text
+    split: str  # train | test | unpaired ("" for a refused file outside the layout's folders)
+    role: str  # low | high | unpaired ("" likewise)
+    pair_key: str  # "<split>/<name>" for pairs, the relative path for unpaired images and leftovers
 
 
 @dataclass(frozen=True)
 class Leftover:
-    """A file inside a role folder that has no partner (paired layouts only)."""
+    """A file the scan could not pair, or will not let anyone open; quarantined with ``reason``/``detail``."""
 
     entry: Entry
     detail: str
+    reason: str = UNPAIRED_LEFTOVER
+
+    @property
+    def rel_path(self) -> str:
+        return self.entry.rel_path
 
 
 @dataclass
 class LayoutScan:
-    """Result of :func:`scan_layout`."""
+    """Result of :func:`scan_layout`.
 
-    layout: str
+    ``leftovers`` are regular files without a partner: validation reads them (to hash them) before it
+    quarantines them. ``refused`` files must never be opened: quarantine them as they are.
+    """
+
+    layout: str  # as recorded in the catalog, e.g. "lol" or "lol-v2-real+pair-by-order"
     root: Path  # the scanned source root; every ``rel_path`` is relative to it
     layout_root: Path  # where the layout's trees start (below ``root`` when wrapped in folders)
     entries: list[Entry] = field(default_factory=list)
     leftovers: list[Leftover] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)  # files outside the layout's trees
+    refused: list[Leftover] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # regular files outside the layout's trees
 
     @property
     def paired(self) -> bool:
-        return self.layout != "unpaired"
+        return parse_layout(self.layout)[0] != "unpaired"
 
 
-# --------------------------------------------------------------------------------------------- helpers
+@dataclass(frozen=True)
+class _Item:
+    """A directory entry typed without following it: ``file``, ``dir``, ``symlink``, ``FIFO``, ..."""
+
+    path: Path
+    kind: str
+
+
+@dataclass(frozen=True)
+class _Split:
+    split: str
+    low_dir: Path
+    high_dir: Path
+
+
+# --------------------------------------------------------------------------------------------- listing
 def _visible(name: str) -> bool:
     return not name.startswith(".") and name != "__MACOSX"
 
 
-def _children(path: Path) -> dict[str, Path]:
-    """Visible entries of a folder keyed by lower-cased name (first spelling wins on a case clash)."""
-    out: dict[str, Path] = {}
+def _kind(entry: os.DirEntry[str]) -> str:
+    """What ``entry`` is, from its ``lstat`` (a symlink is a symlink, whatever it points to)."""
+    if entry.is_symlink():
+        return "symlink"
+    if entry.is_dir(follow_symlinks=False):
+        return "dir"
+    if entry.is_file(follow_symlinks=False):
+        return "file"
     try:
-        names = sorted(os.listdir(path))
+        mode = entry.stat(follow_symlinks=False).st_mode
     except OSError:
-        return out
-    for name in names:
-        if _visible(name):
-            out.setdefault(name.lower(), path / name)
-    return out
+        return "entry that vanished during the scan"
+    return next((name for test, name in _SPECIAL_KINDS if test(mode)), "special file")
 
 
-def _subdir(path: Path, *names: str) -> Path | None:
-    children = _children(path)
-    for name in names:
-        p = children.get(name)
-        if p is not None and p.is_dir():
-            return p
-    return None
+def _list(folder: Path) -> list[_Item]:
+    """Visible entries of ``folder``, spelled exactly as on disk, sorted by name; nothing is opened."""
+    try:
+        with os.scandir(folder) as it:
+            items = [_Item(Path(e.path), _kind(e)) for e in it if _visible(e.name)]
+    except OSError as exc:
+        raise LayoutError(
+            f"cannot list {folder}: {exc.strerror or exc}; make the folder readable and retry"
+        ) from exc
+    return sorted(items, key=lambda i: i.path.name)
 
 
-def _files(folder: Path) -> list[Path]:
-    """Visible files (and symlinks, even dangling ones, so they can be reported) directly in ``folder``."""
-    return [p for p in _children(folder).values() if p.is_symlink() or p.is_file()]
+def _walk(folder: Path) -> Iterator[_Item]:
+    """Every non-folder entry below ``folder``; links to folders are yielded, never descended into."""
+    for item in _list(folder):
+        if item.kind == "dir":
+            yield from _walk(item.path)
+        else:
+            yield item
 
 
-def _walk_files(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        for name in sorted(filenames):
-            if _visible(name):
-                yield Path(dirpath) / name
+def _subdir(folder: Path, *names: str) -> Path | None:
+    """The real (not symlinked) subfolder of ``folder`` named one of ``names``, case-insensitively."""
+    found = [i.path for i in _list(folder) if i.kind == "dir" and i.path.name.lower() in names]
+    if len(found) > 1:
+        raise LayoutError(
+            f"{folder} has several folders for one role ({', '.join(p.name for p in found)}); "
+            "merge them into one and retry"
+        )
+    return found[0] if found else None
 
 
 def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
+    """POSIX path relative to ``root`` as storable text: bytes that are not UTF-8 shown as ``\\xNN``."""
+    return os.fsencode(path.relative_to(root).as_posix()).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root).as_posix().encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+# --------------------------------------------------------------------------------------------- refusals
+def _refusal(item: _Item, root: Path, split: str = "", role: str = "") -> Leftover | None:
+    """A :class:`Leftover` for an entry the scan must not hand on to be opened, else ``None``."""
+    rel = _rel(item.path, root)
+    entry = Entry(rel, split, role, rel)
+    if item.kind == "symlink":
+        try:
+            target = os.fsencode(os.readlink(item.path)).decode("utf-8", "backslashreplace")
+        except OSError:
+            target = "?"
+        detail = f"symlink -> {target}: links are never followed; copy the file itself into the source"
+        return Leftover(entry, detail, SYMLINK)
+    if item.kind != "file":
+        return Leftover(entry, f"{item.kind}, not a regular file: it was not read", SPECIAL_FILE)
+    if not _is_utf8(item.path, root):
+        detail = "the name is not valid UTF-8 (shown with \\x escapes); rename the file to UTF-8"
+        return Leftover(entry, detail, NON_UTF8_NAME)
+    return None
+
+
 # --------------------------------------------------------------------------------------------- matching
-def _matches(root: Path, layout: str) -> bool:
+def parse_layout(layout: str, pair_by: str | None = None) -> tuple[str, str]:
+    """``(layout, pair_by)`` of a ``layout=`` value, which may carry the ``+pair-by-order`` opt-in."""
+    base, plus, option = layout.partition("+")
+    if base != "auto" and base not in LAYOUTS:
+        raise LayoutError(f"unknown layout {layout!r}; choose one of: auto, {', '.join(LAYOUTS)}")
+    if plus and f"+{option}" != PAIR_BY_ORDER_SUFFIX:
+        raise LayoutError(
+            f"unknown layout option '+{option}' in {layout!r}; the only one is {PAIR_BY_ORDER_SUFFIX}"
+        )
+    if pair_by is not None and pair_by not in PAIR_BY:
+        raise LayoutError(f"unknown pair_by {pair_by!r}; choose name (the default) or order")
+    if plus and pair_by == "name":
+        raise LayoutError(f"layout {layout!r} asks to pair by order but pair_by='name'; drop one of them")
+    chosen = "order" if plus else (pair_by or "name")
+    if chosen == "order" and base == "unpaired":
+        raise LayoutError("pairing by order applies to paired layouts only, not to 'unpaired'")
+    return base, chosen
+
+
+def _recorded(layout: str, pair_by: str) -> str:
+    return layout + (PAIR_BY_ORDER_SUFFIX if pair_by == "order" else "")
+
+
+def _with_roles(candidates: list[tuple[str, Path | None]]) -> list[_Split]:
+    """The splits of ``candidates`` that hold both a low and a high folder."""
+    out: list[_Split] = []
+    for split, folder in candidates:
+        if folder is None:
+            continue
+        low, high = _subdir(folder, *_LOW_DIRS), _subdir(folder, *_HIGH_DIRS)
+        if low is not None and high is not None:
+            out.append(_Split(split, low, high))
+    return out
+
+
+def _layout_splits(current: Path, name: str, layout: str, explicit: bool) -> list[_Split]:
+    """The low/high folders of ``layout`` at ``current`` (named ``name``); empty when it does not match."""
     if layout == "lol":
-        return any(
-            _subdir(split_dir, *_LOW_DIRS) and _subdir(split_dir, *_HIGH_DIRS)
-            for split_dir in (_subdir(root, s) for s in _LOL_SPLITS)
-            if split_dir is not None
-        )
-    if layout in _V2_ROOTS:
-        base = _subdir(root, _V2_ROOTS[layout])
-        if base is None:
-            return False
-        return any(
-            _subdir(split_dir, *_LOW_DIRS) and _subdir(split_dir, *_HIGH_DIRS)
-            for split_dir in (_subdir(base, s) for s in _V2_SPLITS)
-            if split_dir is not None
-        )
-    if layout == "unpaired":
-        files = list(_walk_files(root))
-        flat = all(len(p.relative_to(root).parts) <= 2 for p in files)
-        return flat and any(_is_image_name(p) for p in files)
-    raise LayoutError(f"unknown layout {layout!r}; choose one of: auto, {', '.join(LAYOUTS)}")
+        if name.lower() in _LOL_SPLITS:
+            return _with_roles([(_LOL_SPLITS[name.lower()], current)])
+        return _with_roles([(split, _subdir(current, d)) for d, split in _LOL_SPLITS.items()])
+    subset = _V2_ROOTS[layout]
+    if name.lower() in set(_V2_ROOTS.values()) - {subset}:
+        return []  # the other subset's folder (lol-v2-real asked, Synthetic/ found): never relabel it
+    base = _subdir(current, subset)
+    if base is None and (name.lower() == subset or explicit):
+        base = current  # pointed at Real_captured/ itself, or a bare Train/Test tree named by --layout
+    if base is None:
+        return []
+    return _with_roles([(split, _subdir(base, d)) for d, split in _V2_SPLITS.items()])
 
 
-def _find_root(root: Path, candidates: tuple[str, ...]) -> tuple[Path, list[str]]:
-    """Descend through single wrapper folders until a layout matches; return (layout root, matches).
+def _looks_unpaired(current: Path) -> bool:
+    items = list(_walk(current))
+    flat = all(len(i.path.relative_to(current).parts) <= 2 for i in items)
+    return flat and any(_is_image_name(i.path) for i in items)
 
-    Paired layouts are tried before ``unpaired`` at each level, so a LOL tree is never read as loose images.
+
+def _paired_folders(current: Path, root: Path) -> list[str]:
+    """``low + high`` folder pairs at or one level below ``current`` (a paired tree no layout placed)."""
+    folders = [current, *(i.path for i in _list(current) if i.kind == "dir")]
+    found = []
+    for folder in folders:
+        low, high = _subdir(folder, *_LOW_DIRS), _subdir(folder, *_HIGH_DIRS)
+        if low is not None and high is not None:
+            found.append(f"{_rel(low, root)} + {_rel(high, root)}")
+    return found
+
+
+def _unplaced_pairs_message(label: str, folders: list[str]) -> str:
+    return (
+        f"{label} holds paired low/high folders ({', '.join(folders)}) outside any layout that names its "
+        "dataset, so they were not read as unpaired images; for a LOL-v2 Train/Test tree pass "
+        "--layout lol-v2-real or --layout lol-v2-synthetic, for LOL put the folders under our485/ (train) "
+        "and eval15/ (test)"
+    )
+
+
+def _find_root(
+    root: Path, name: str, candidates: tuple[str, ...], label: str
+) -> tuple[Path, dict[str, list[_Split]], list[str]]:
+    """Descend through single wrapper folders until a layout matches.
+
+    Returns (layout root, {layout: splits} of the matches, unplaced low/high folders seen). Paired layouts
+    are tried first; under ``auto`` a level holding low/high folders that no paired layout places is an
+    error rather than a set of unpaired images.
     """
-    current = root
+    current, current_name, unplaced = root, name, []
+    explicit = len(candidates) == 1
     for _ in range(_MAX_WRAPPER_DEPTH + 1):
-        found = [name for name in candidates if name != "unpaired" and _matches(current, name)]
-        if not found and "unpaired" in candidates and _matches(current, "unpaired"):
-            found = ["unpaired"]
+        found = {
+            layout: splits
+            for layout in candidates
+            if layout != "unpaired" and (splits := _layout_splits(current, current_name, layout, explicit))
+        }
         if found:
-            return current, found
-        children = _children(current)
-        dirs = [p for p in children.values() if p.is_dir()]
-        files = [p for p in children.values() if not p.is_dir()]
-        if len(dirs) != 1 or any(_is_image_name(f) for f in files):
+            return current, found, []
+        unplaced = unplaced or _paired_folders(current, root)
+        if unplaced and not explicit:
+            raise LayoutError(_unplaced_pairs_message(label, unplaced))
+        if "unpaired" in candidates and _looks_unpaired(current):
+            return current, {"unpaired": []}, []
+        items = _list(current)
+        dirs = [i.path for i in items if i.kind == "dir"]
+        if len(dirs) != 1 or any(_is_image_name(i.path) for i in items if i.kind != "dir"):
             break
-        current = dirs[0]
-    return root, []
+        current, current_name = dirs[0], dirs[0].name
+    return root, {}, unplaced
 
 
 # --------------------------------------------------------------------------------------------- pairing
-def _role_stem(stem: str) -> str:
-    return _ROLE_PREFIX.sub("", stem, count=1)
+def _group(files: list[Path], key: Callable[[Path], str]) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for path in files:
+        out.setdefault(key(path), []).append(path)
+    return out
 
 
-def _pair_folder(low_dir: Path, high_dir: Path, split: str, root: Path) -> tuple[list[Entry], list[Leftover]]:
-    """Pair the files of one low/high folder pair (see module docstring for the rules)."""
-    lows, highs = _files(low_dir), _files(high_dir)
+def _strip_role(path: Path, role: str) -> str:
+    return _PREFIXES[role].sub("", path.stem, count=1)
 
-    def index(paths: list[Path], keyfn) -> tuple[dict[str, Path], list[Path]]:
-        table: dict[str, Path] = {}
-        clashes: list[Path] = []
-        for p in paths:  # already sorted: the first spelling of a key wins
-            key = keyfn(p)
-            if key in table:
-                clashes.append(p)
-            else:
-                table[key] = p
-        return table, clashes
 
-    def pairs_by(keyfn) -> tuple[dict[str, tuple[Path, Path]], list[Path]]:
-        low_t, low_c = index(lows, keyfn)
-        high_t, high_c = index(highs, keyfn)
-        common = sorted(low_t.keys() & high_t.keys())
-        return {k: (low_t[k], high_t[k]) for k in common}, low_c + high_c
+def _match(
+    lows: list[Path],
+    highs: list[Path],
+    keys: tuple[Callable[[Path], str], Callable[[Path], str]],
+    taken: set[str],
+) -> tuple[dict[str, tuple[Path, Path]], dict[Path, str]]:
+    """Pairs whose key occurs once on each side; files whose key is shared (or already used) are ambiguous."""
+    low_by, high_by = _group(lows, keys[0]), _group(highs, keys[1])
+    pairs: dict[str, tuple[Path, Path]] = {}
+    ambiguous: dict[Path, str] = {}
+    for key in sorted(low_by.keys() & high_by.keys()):
+        group = low_by[key] + high_by[key]
+        if len(group) == 2 and key not in taken:
+            pairs[key] = (group[0], group[1])
+            continue
+        names = ", ".join(f"{p.parent.name}/{p.name}" for p in group)
+        for path in group:
+            ambiguous[path] = f"ambiguous pair name {key!r} ({names}); rename or remove the extra files"
+    return pairs, ambiguous
 
-    pairs, clashes = pairs_by(lambda p: p.stem)
-    if not pairs:
-        pairs, clashes = pairs_by(lambda p: _role_stem(p.stem))
-    if not pairs and lows and len(lows) == len(highs):
-        pairs = {_role_stem(lo.stem): (lo, hi) for lo, hi in zip(lows, highs, strict=True)}
-        clashes = []
-        if len(pairs) != len(lows):  # stems collapse after stripping: fall back to the low file name
-            pairs = {lo.stem: (lo, hi) for lo, hi in zip(lows, highs, strict=True)}
 
-    entries: list[Entry] = []
-    used: set[Path] = set()
-    for key, (lo, hi) in pairs.items():
-        pair_key = f"{split}/{key}"
-        entries.append(Entry(_rel(lo, root), split, "low", pair_key))
-        entries.append(Entry(_rel(hi, root), split, "high", pair_key))
-        used.update((lo, hi))
+def _orphan_detail(path: Path, role: str, partner_dir: Path, root: Path) -> str:
+    stripped = _strip_role(path, role)
+    names = [path.stem]
+    if stripped != path.stem:
+        names += [prefix + stripped for prefix in _PARTNER_PREFIXES[role]]
+    wanted = " or ".join(repr(n) for n in names)
+    return f"orphan: no matching file in {_rel(partner_dir, root)} (its partner would be named {wanted})"
 
+
+def _pair_by_name(
+    lows: list[Path], highs: list[Path], split: _Split, root: Path
+) -> tuple[dict[str, tuple[Path, Path]], list[Leftover]]:
+    """Pair by identical stem, then by the stem without its role prefix; everything else is a leftover."""
+    pairs, problems = _match(lows, highs, (lambda p: p.stem, lambda p: p.stem), set())
+    used = {p for pair in pairs.values() for p in pair} | problems.keys()
+    rest_low, rest_high = [p for p in lows if p not in used], [p for p in highs if p not in used]
+    keys = (lambda p: _strip_role(p, "low"), lambda p: _strip_role(p, "high"))
+    more, more_problems = _match(rest_low, rest_high, keys, set(pairs))
+    pairs.update(more)
+    problems.update(more_problems)
+    used = {p for pair in pairs.values() for p in pair}
     leftovers: list[Leftover] = []
-    clash_set = set(clashes)
-    for role, paths, other in (("low", lows, high_dir), ("high", highs, low_dir)):
-        for p in paths:
-            if p in used:
+    for role, files, partner_dir in (("low", lows, split.high_dir), ("high", highs, split.low_dir)):
+        for path in files:
+            if path in used:
                 continue
-            detail = (
-                f"another {role} file in {_rel(p.parent, root)} has the same name stem"
-                if p in clash_set
-                else f"no matching file in {_rel(other, root)}"
-            )
-            entry = Entry(_rel(p, root), split, role, f"{split}/{p.stem}")
-            leftovers.append(Leftover(entry, detail))
-    return entries, leftovers
+            rel = _rel(path, root)
+            detail = problems.get(path) or _orphan_detail(path, role, partner_dir, root)
+            leftovers.append(Leftover(Entry(rel, split.split, role, rel), detail))
+    return pairs, leftovers
+
+
+def _pair_by_order(
+    lows: list[Path], highs: list[Path], split: _Split, root: Path
+) -> tuple[dict[str, tuple[Path, Path]], list[Leftover]]:
+    """Opt-in: the n-th low file (sorted by name) with the n-th high file, keyed by the low file's name."""
+    if len(lows) != len(highs):
+        raise LayoutError(
+            f"pairing by order needs as many files in {_rel(split.low_dir, root)} as in "
+            f"{_rel(split.high_dir, root)} ({len(lows)} vs {len(highs)}); fix the folders or pair by name"
+        )
+    keys = [_strip_role(p, "low") for p in lows]
+    if len(set(keys)) != len(keys):
+        keys = [p.name for p in lows]
+    return dict(zip(keys, zip(lows, highs, strict=True), strict=True)), []
 
 
 # --------------------------------------------------------------------------------------------- scanning
-def _scan_paired(root: Path, layout_root: Path, layout: str) -> LayoutScan:
-    scan = LayoutScan(layout=layout, root=root, layout_root=layout_root)
-    if layout == "lol":
-        split_dirs = [(split, _subdir(layout_root, name)) for name, split in _LOL_SPLITS.items()]
-    else:
-        base = _subdir(layout_root, _V2_ROOTS[layout])
-        assert base is not None
-        split_dirs = [(split, _subdir(base, name)) for name, split in _V2_SPLITS.items()]
-    covered: set[Path] = set()
-    for split, split_dir in split_dirs:
-        if split_dir is None:
-            continue
-        low_dir, high_dir = _subdir(split_dir, *_LOW_DIRS), _subdir(split_dir, *_HIGH_DIRS)
-        if low_dir is None or high_dir is None:
-            continue
-        entries, leftovers = _pair_folder(low_dir, high_dir, split, root)
-        scan.entries.extend(entries)
-        scan.leftovers.extend(leftovers)
-        covered.update((low_dir, high_dir))
-    for path in _walk_files(root):
-        if path.parent not in covered:
-            scan.ignored.append(_rel(path, root))
-    scan.entries.sort(key=lambda e: e.rel_path)
-    scan.leftovers.sort(key=lambda lo: lo.entry.rel_path)
-    return scan
-
-
-def _scan_unpaired(root: Path, layout_root: Path) -> LayoutScan:
-    scan = LayoutScan(layout="unpaired", root=root, layout_root=layout_root)
-    for path in _walk_files(root):
-        rel = _rel(path, root)
-        inside = path.is_relative_to(layout_root) and len(path.relative_to(layout_root).parts) <= 2
-        if inside:
-            scan.entries.append(Entry(rel, "unpaired", "unpaired", rel))
+def _role_files(
+    folder: Path, split: str, role: str, scan: LayoutScan
+) -> tuple[list[Path], dict[Path, Leftover]]:
+    """Regular files directly in a role folder, and refusals of the rest (also put in ``scan.refused``)."""
+    files: list[Path] = []
+    refused: dict[Path, Leftover] = {}
+    for item in _list(folder):
+        if item.kind == "dir":
+            continue  # files of subfolders are reported by the walk over the whole source
+        refusal = _refusal(item, scan.root, split, role)
+        if refusal is not None:
+            scan.refused.append(refusal)
+            refused[item.path] = refusal
         else:
-            scan.ignored.append(rel)
-    return scan
+            files.append(item.path)
+    return files, refused
+
+
+def _blame_refused(leftover: Leftover, partner_refused: dict[Path, Leftover]) -> Leftover:
+    """An orphan whose partner exists but was refused says so, rather than calling the partner missing."""
+    role = leftover.entry.role
+    stem = PurePosixPath(leftover.rel_path).stem
+    keys = {stem, _PREFIXES[role].sub("", stem, count=1)}
+    partner_role = "high" if role == "low" else "low"
+    for path, refusal in partner_refused.items():
+        if {path.stem, _strip_role(path, partner_role)} & keys:
+            detail = f"its partner {refusal.rel_path} was quarantined ({refusal.reason})"
+            return Leftover(leftover.entry, detail, leftover.reason)
+    return leftover
+
+
+def _scan_paired(scan: LayoutScan, splits: list[_Split], pair_by: str) -> None:
+    pair = _pair_by_order if pair_by == "order" else _pair_by_name
+    covered: set[Path] = set()
+    for split in splits:
+        lows, low_refused = _role_files(split.low_dir, split.split, "low", scan)
+        highs, high_refused = _role_files(split.high_dir, split.split, "high", scan)
+        pairs, leftovers = pair(lows, highs, split, scan.root)
+        for key, (low, high) in pairs.items():
+            pair_key = f"{split.split}/{key}"
+            scan.entries.append(Entry(_rel(low, scan.root), split.split, "low", pair_key))
+            scan.entries.append(Entry(_rel(high, scan.root), split.split, "high", pair_key))
+        refused = {"low": high_refused, "high": low_refused}
+        scan.leftovers.extend(_blame_refused(lo, refused[lo.entry.role]) for lo in leftovers)
+        covered.update((split.low_dir, split.high_dir))
+    for item in _walk(scan.root):
+        if item.path.parent not in covered:
+            _refuse_or_ignore(scan, item)
+
+
+def _scan_unpaired(scan: LayoutScan) -> None:
+    for item in _walk(scan.root):
+        inside = item.path.is_relative_to(scan.layout_root)
+        if inside and len(item.path.relative_to(scan.layout_root).parts) <= 2:
+            refusal = _refusal(item, scan.root, "unpaired", "unpaired")
+            if refusal is not None:
+                scan.refused.append(refusal)
+            else:
+                rel = _rel(item.path, scan.root)
+                scan.entries.append(Entry(rel, "unpaired", "unpaired", rel))
+        else:
+            _refuse_or_ignore(scan, item)
+
+
+def _refuse_or_ignore(scan: LayoutScan, item: _Item) -> None:
+    """A file outside the layout's folders: refused when it must not be opened, else ignored."""
+    refusal = _refusal(item, scan.root)
+    if refusal is not None:
+        scan.refused.append(refusal)
+    else:
+        scan.ignored.append(_rel(item.path, scan.root))
 
 
 def detect_layout(root: str | os.PathLike[str]) -> str:
@@ -288,32 +519,50 @@ def detect_layout(root: str | os.PathLike[str]) -> str:
 
 
 def scan_layout(
-    root: str | os.PathLike[str], layout: str = "auto", *, label: str | None = None
+    root: str | os.PathLike[str],
+    layout: str = "auto",
+    *,
+    label: str | None = None,
+    pair_by: str | None = None,
 ) -> LayoutScan:
     """Find ``layout`` (or detect it, for ``"auto"``) under ``root`` and list its files.
 
     Single wrapper folders (``LOLdataset/our485/...``) are descended automatically. Raises
-    :class:`LayoutError` naming ``root`` and the expected trees when nothing matches, or when ``"auto"``
-    finds several paired layouts (e.g. both LOL-v2 subsets): then pass the layout explicitly. ``label``
-    names the source in those messages when ``root`` is a temporary copy (an extracted archive, an S3 prefix).
+    :class:`LayoutError` naming ``root`` and the expected trees when nothing matches, when ``"auto"``
+    finds several paired layouts (e.g. both LOL-v2 subsets) or low/high folders it cannot place: then pass
+    the layout explicitly. ``label`` names the source when ``root`` is a temporary copy (an extracted
+    archive, an ``s3://`` prefix); its last segment also stands for the root's own name
+    (``s3://bucket/LOL-v2/Real_captured``).
+    ``pair_by="order"`` (or a ``+pair-by-order`` layout) pairs files by sorted order instead of by name.
     """
     root = Path(root)
     name = label or str(root)
+    base, order = parse_layout(layout, pair_by)
     if not root.is_dir():
-        raise LayoutError(f"{name} is not a folder")
-    if layout != "auto" and layout not in LAYOUTS:
-        raise LayoutError(f"unknown layout {layout!r}; choose one of: auto, {', '.join(LAYOUTS)}")
+        raise LayoutError(f"{name} is not a folder; pass the folder (or archive) that holds the dataset")
 
-    candidates = LAYOUTS if layout == "auto" else (layout,)
-    layout_root, found = _find_root(root, candidates)
+    candidates = LAYOUTS if base == "auto" else (base,)
+    root_name = PurePosixPath(label.rstrip("/")).name if label else root.name
+    layout_root, found, unplaced = _find_root(root, root_name, candidates, name)
     if len(found) > 1:
         raise LayoutError(
             f"{name} matches several layouts ({', '.join(found)}); pass layout= one of them explicitly"
         )
-    if found == ["unpaired"]:
-        return _scan_unpaired(root, layout_root)
-    if found:
-        return _scan_paired(root, layout_root, found[0])
-
-    wanted = "any supported layout" if layout == "auto" else f"the {layout!r} layout"
-    raise LayoutError(f"{name} does not contain {wanted}. Expected one of these trees:\n{_EXPECTED_TREES}")
+    if not found:
+        wanted = "any supported layout" if base == "auto" else f"the {base!r} layout"
+        hint = f"\n{_unplaced_pairs_message(name, unplaced)}" if unplaced else ""
+        raise LayoutError(
+            f"{name} does not contain {wanted}. Expected one of these trees:\n{_EXPECTED_TREES}{hint}"
+        )
+    ((detected, splits),) = found.items()
+    if detected == "unpaired" and order == "order":
+        raise LayoutError(f"{name} holds unpaired images: pairing by order does not apply; drop it")
+    scan = LayoutScan(layout=_recorded(detected, order), root=root, layout_root=layout_root)
+    if detected == "unpaired":
+        _scan_unpaired(scan)
+    else:
+        _scan_paired(scan, splits, order)
+    scan.entries.sort(key=lambda e: e.rel_path)
+    scan.leftovers.sort(key=lambda lo: lo.rel_path)
+    scan.refused.sort(key=lambda lo: lo.rel_path)
+    return scan

@@ -23,6 +23,9 @@ class ImageRecord:
     width: int
     height: int
     rel_path: str = ""
+    # How loading ``uri``'s bytes (the original file, unmodified) as RGB changes them, e.g.
+    # "RGBA->RGB at load: alpha discarded (not composited)"; "" for plain, upright RGB.
+    conversion: str = ""
 
 
 @dataclass(frozen=True)

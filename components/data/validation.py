@@ -1,10 +1,16 @@
 """Decide which scanned files are usable images, and quarantine the rest with a machine-readable reason.
 
-Per file (each fully decoded with Pillow, truncated images are errors, decompression bombs are errors):
+Per file: ``symlink``, ``special-file`` (device, FIFO, socket), ``outside-source``, ``too-large``,
 ``unreadable``, ``empty-file``, ``not-an-image``, ``truncated``, ``decompression-bomb``. Across files:
 ``duplicate-content`` (same sha256 as an earlier file of the same role; the first by sorted path is kept),
 and for paired layouts ``unpaired-leftover`` (no valid partner) and ``size-mismatch`` (both quarantined).
 A valid file is never dropped: it is either returned as valid or quarantined with a reason and detail.
+
+Reading is the last line of defence against hostile trees, whatever the scan saw: a file is opened only
+when every component of its path below the source root is a real folder and the file itself is a regular
+file (``O_NOFOLLOW``, ``O_NONBLOCK`` so a FIFO swapped in cannot hang us, then ``fstat``). Memory stays
+bounded: the size limit is checked before reading, the hash is computed in chunks, and the header's
+width x height is checked before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
+import stat
 import threading
 import warnings
 import zlib
@@ -19,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -32,11 +41,17 @@ __all__ = [
     "QuarantineRecord",
     "ValidatedEntry",
     "ValidationResult",
+    "describe_conversion",
     "inspect_bytes",
     "inspect_file",
+    "inspect_source_file",
+    "inspect_stream",
+    "open_source_file",
+    "resolve_limits",
     "validate_scan",
 ]
 
+# Kept for callers that imported it; the effective default is the SKF_MAX_IMAGE_PIXELS setting.
 DEFAULT_MAX_PIXELS = 64_000_000
 REASONS: tuple[str, ...] = (
     "unreadable",
@@ -48,6 +63,12 @@ REASONS: tuple[str, ...] = (
     "unpaired-leftover",
     "size-mismatch",
     "archive-path-traversal",
+    "symlink",
+    "special-file",
+    "outside-source",
+    "too-large",
+    "duplicate-member",
+    "non-utf8-name",
 )
 _FORMAT_EXT = {
     "PNG": "png",
@@ -60,6 +81,37 @@ _FORMAT_EXT = {
 }
 # Signatures of image formats: a file that starts like an image but fails to open is damaged, not foreign.
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+_CHUNK = 1 << 20
+_EXIF_ORIENTATION = 0x0112
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC
+_FILE_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | _CLOEXEC
+)
+# How the training/evaluation loader (``Image.convert("RGB")``) turns each mode into RGB, for the record.
+_MODE_NOTES = {
+    "1": "1-bit black/white expanded to RGB",
+    "L": "greyscale replicated to 3 channels",
+    "LA": "greyscale replicated to 3 channels, alpha discarded (not composited)",
+    "P": "palette expanded to RGB",
+    "PA": "palette expanded to RGB, alpha discarded (not composited)",
+    "RGBA": "alpha discarded (not composited)",
+    "RGBX": "padding channel dropped",
+    "RGBa": "alpha discarded (not composited)",
+    "CMYK": "naive CMYK to RGB (no ICC profile applied)",
+    "YCbCr": "YCbCr converted to RGB",
+    "LAB": "Lab converted to RGB",
+    "HSV": "HSV converted to RGB",
+    "I": "32-bit integer values clipped to 0..255",
+    "I;16": "16-bit values clipped to 0..255",
+    "I;16B": "16-bit values clipped to 0..255",
+    "I;16L": "16-bit values clipped to 0..255",
+    "F": "float values clipped to 0..255",
+}
 _pillow_lock = threading.Lock()
 
 
@@ -80,6 +132,8 @@ class ImageInfo:
     format: str  # Pillow format name, e.g. PNG
     ext: str  # canonical extension for that format, e.g. png
     nbytes: int
+    mode: str = "RGB"  # Pillow mode of the stored bytes, e.g. L, RGBA, CMYK, P
+    conversion: str = ""  # what loading it as RGB does to it; "" when nothing (plain RGB, upright)
 
 
 @dataclass(frozen=True)
@@ -105,6 +159,121 @@ class ValidationResult:
     quarantined: list[QuarantineRecord] = field(default_factory=list)
 
 
+def resolve_limits(max_pixels: int | None, max_bytes: int | None) -> tuple[int, int]:
+    """Explicit limits win (tests, callers); ``None`` means the SKF_MAX_IMAGE_PIXELS/FILE_BYTES settings."""
+    if max_pixels is not None and max_bytes is not None:
+        return max_pixels, max_bytes
+    from components.settings import get_settings
+
+    limits = get_settings().limits
+    return (
+        limits.max_image_pixels if max_pixels is None else max_pixels,
+        limits.max_file_bytes if max_bytes is None else max_bytes,
+    )
+
+
+# --------------------------------------------------------------------------------------------- safe open
+def _lstat_reason(name: str, dir_fd: int, shown: str, *, final: bool = False) -> InvalidImage | None:
+    """Why ``name`` (in ``dir_fd``) must not be opened: a link, or (``final``) not a regular file."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except OSError as exc:
+        return InvalidImage("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(name, dir_fd=dir_fd)
+        except OSError:
+            target = "?"
+        return InvalidImage("symlink", f"{shown} is a symbolic link (to {target}); links are never followed")
+    return _special_reason(st, shown) if final else None
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def _special_reason(st: os.stat_result, shown: str) -> InvalidImage | None:
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "an unknown kind of file")
+    return InvalidImage("special-file", f"{shown} is {kind}, not a regular file; it was not read")
+
+
+def _open_dir_chain(root: Path, parts: list[str]) -> int:
+    """fd of the folder holding ``parts[-1]``, opened component by component without following links."""
+    fd = os.open(root, _DIR_FLAGS & ~getattr(os, "O_NOFOLLOW", 0))
+    try:
+        for i, part in enumerate(parts[:-1]):
+            reason = _lstat_reason(part, fd, "/".join(parts[: i + 1]))
+            if reason is not None:
+                raise reason
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                raise InvalidImage("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_inside(root: Path, rel_path: str) -> None:
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, *rel_path.split("/")))
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise InvalidImage("outside-source", f"{rel_path} resolves to {real}, outside the source {real_root}")
+
+
+def open_source_file(root: str | os.PathLike[str], rel_path: str) -> IO[bytes]:
+    """Open ``root/rel_path`` for reading only if it is a regular file inside ``root`` reached without links.
+
+    Raises :class:`InvalidImage` (``symlink``, ``special-file``, ``outside-source``, ``unreadable``)
+    otherwise; a device or FIFO is never opened (checked with ``lstat`` first), and whatever is swapped in
+    between that check and the open is caught by ``O_NOFOLLOW``, ``O_NONBLOCK`` and ``fstat``.
+    """
+    root = Path(root)
+    parts = rel_path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InvalidImage("outside-source", f"{rel_path!r} is not a plain path below the source")
+    try:
+        dir_fd = _open_dir_chain(root, parts)
+    except OSError as exc:
+        raise InvalidImage("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+    try:
+        f = _open_final(parts[-1], dir_fd, rel_path)
+    finally:
+        os.close(dir_fd)
+    try:
+        _check_inside(root, rel_path)  # belt and braces: the link-free walk cannot leave the root
+    except InvalidImage:
+        f.close()
+        raise
+    return f
+
+
+def _open_final(name: str, dir_fd: int, shown: str) -> IO[bytes]:
+    reason = _lstat_reason(name, dir_fd, shown, final=True)
+    if reason is not None:
+        raise reason
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:  # ELOOP: a link was swapped in after the lstat
+        raise InvalidImage("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+    reason = _special_reason(os.fstat(fd), shown)
+    if reason is not None:
+        os.close(fd)
+        raise reason
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 # --------------------------------------------------------------------------------------------- one file
 @contextlib.contextmanager
 def _strict_pillow() -> Iterator[None]:
@@ -124,22 +293,53 @@ def _looks_like_image(data: bytes) -> bool:
     return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-def inspect_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Fully decode ``data``; return its description or raise :class:`InvalidImage`.
-
-    ``max_pixels`` bounds width x height before any pixel is decoded. Pillow's own bomb limit
-    (``Image.MAX_IMAGE_PIXELS``) also applies, so the effective limit is the smaller of the two.
-    """
-    if not data:
+def _digest(f: IO[bytes], max_bytes: int) -> tuple[str, int, bytes]:
+    """(sha256, size, first bytes) of the stream, read in chunks; refuses past ``max_bytes``."""
+    h = hashlib.sha256()
+    size, head = 0, b""
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        if not head:
+            head = chunk[:16]
+        size += len(chunk)
+        if size > max_bytes:
+            raise InvalidImage(
+                "too-large", f"more than {max_bytes} bytes (raise SKF_MAX_FILE_BYTES to accept it)"
+            )
+        h.update(chunk)
+    if size == 0:
         raise InvalidImage("empty-file", "the file has 0 bytes")
-    sha = hashlib.sha256(data).hexdigest()
+    return h.hexdigest(), size, head
+
+
+def describe_conversion(mode: str, orientation: int | None, size: tuple[int, int]) -> str:
+    """What loading these bytes as RGB does (the stored object is the original file); "" for nothing."""
+    notes = []
+    if mode != "RGB":
+        notes.append(f"{mode}->RGB at load: {_MODE_NOTES.get(mode, 'converted by Pillow')}")
+    if orientation not in (None, 1):
+        notes.append(
+            f"EXIF orientation {orientation} not applied: pixels are used as stored ({size[0]}x{size[1]})"
+        )
+    return "; ".join(notes)
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # a damaged EXIF block is not a damaged image
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+def _decode(f: IO[bytes], head: bytes, max_pixels: int) -> tuple[int, int, str, str, str]:
+    """(width, height, format, mode, conversion), checking the header's size before decoding pixels."""
     with _strict_pillow():
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(f)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InvalidImage("decompression-bomb", str(exc)) from exc
         except (UnidentifiedImageError, SyntaxError, OSError, ValueError, EOFError) as exc:
-            if _looks_like_image(data):
+            if _looks_like_image(head):
                 raise InvalidImage("truncated", f"image header is damaged or cut short: {exc}") from exc
             raise InvalidImage("not-an-image", "Pillow cannot identify this file as an image") from exc
         with img:
@@ -147,7 +347,8 @@ def inspect_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
             if width * height > max_pixels:
                 raise InvalidImage(
                     "decompression-bomb",
-                    f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}",
+                    f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels} "
+                    "(SKF_MAX_IMAGE_PIXELS)",
                 )
             try:
                 img.load()
@@ -155,42 +356,94 @@ def inspect_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
                 raise InvalidImage("decompression-bomb", str(exc)) from exc
             except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
                 raise InvalidImage("truncated", f"decoding failed: {exc}") from exc
-            fmt = img.format or "UNKNOWN"
-    return ImageInfo(sha, width, height, fmt, _FORMAT_EXT.get(fmt, fmt.lower()), len(data))
+            fmt, mode = img.format or "UNKNOWN", img.mode
+            conversion = describe_conversion(mode, _orientation(img), (width, height))
+    return width, height, fmt, mode, conversion
 
 
-def inspect_file(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """:func:`inspect_bytes` on a file; unreadable files raise ``InvalidImage("unreadable", ...)``."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidImage("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from exc
-    return inspect_bytes(data, max_pixels=max_pixels)
+def inspect_stream(f: IO[bytes], *, max_pixels: int | None = None, max_bytes: int | None = None) -> ImageInfo:
+    """Hash ``f`` in chunks, then decode it from the start; return its description or raise InvalidImage."""
+    max_pixels, max_bytes = resolve_limits(max_pixels, max_bytes)
+    sha, size, head = _digest(f, max_bytes)
+    f.seek(0)
+    width, height, fmt, mode, conversion = _decode(f, head, max_pixels)
+    return ImageInfo(sha, width, height, fmt, _FORMAT_EXT.get(fmt, fmt.lower()), size, mode, conversion)
+
+
+def inspect_bytes(data: bytes, *, max_pixels: int | None = None, max_bytes: int | None = None) -> ImageInfo:
+    """Fully decode ``data``; return its description or raise :class:`InvalidImage`.
+
+    ``max_pixels`` bounds width x height before any pixel is decoded. Pillow's own bomb limit
+    (``Image.MAX_IMAGE_PIXELS``) also applies, so the effective limit is the smaller of the two.
+    """
+    return inspect_stream(io.BytesIO(data), max_pixels=max_pixels, max_bytes=max_bytes)
+
+
+def _check_size(f: IO[bytes], max_bytes: int) -> None:
+    """Refuse a file by its ``fstat`` size before reading a byte of it (a sparse 6 GiB file costs nothing)."""
+    size = os.fstat(f.fileno()).st_size
+    if size > max_bytes:
+        raise InvalidImage(
+            "too-large", f"{size} bytes exceeds SKF_MAX_FILE_BYTES={max_bytes}; raise it to accept this file"
+        )
+
+
+def inspect_source_file(
+    root: str | os.PathLike[str],
+    rel_path: str,
+    *,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+) -> ImageInfo:
+    """:func:`inspect_stream` on ``root/rel_path``, opened with :func:`open_source_file`."""
+    max_pixels, max_bytes = resolve_limits(max_pixels, max_bytes)
+    with open_source_file(root, rel_path) as f:
+        _check_size(f, max_bytes)
+        try:
+            return inspect_stream(f, max_pixels=max_pixels, max_bytes=max_bytes)
+        except OSError as exc:
+            raise InvalidImage("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+
+
+def inspect_file(
+    path: str | Path, *, max_pixels: int | None = None, max_bytes: int | None = None
+) -> ImageInfo:
+    """:func:`inspect_source_file` on one file (its folder is the root); links and special files refused."""
+    path = Path(path)
+    return inspect_source_file(path.parent, path.name, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
 # --------------------------------------------------------------------------------------------- batch
 def validate_scan(
     scan: LayoutScan,
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ValidationResult:
-    """Validate every file of ``scan``; ``progress(n)`` is called after each file with the count so far."""
+    """Validate every file of ``scan``; ``progress(n)`` is called after each file with the count so far.
+
+    ``max_pixels``/``max_bytes`` default to the SKF_MAX_IMAGE_PIXELS/SKF_MAX_FILE_BYTES settings.
+    """
+    max_pixels, max_bytes = resolve_limits(max_pixels, max_bytes)
     result = ValidationResult()
+    # Files the scan refused (links, special files, unusable names) are quarantined as they are, unread.
+    refused = list(scan.refused)
+    result.quarantined += [QuarantineRecord(lo.entry.rel_path, lo.reason, lo.detail) for lo in refused]
     good: list[ValidatedEntry] = []
-    leftover_detail = {lo.entry.rel_path: lo.detail for lo in scan.leftovers}
+    leftover_of = {lo.entry.rel_path: lo for lo in scan.leftovers}
     files = [*scan.entries, *(lo.entry for lo in scan.leftovers)]
     for done, entry in enumerate(files, start=1):
         try:
-            info = inspect_file(scan.root / entry.rel_path, max_pixels=max_pixels)
+            info = inspect_source_file(scan.root, entry.rel_path, max_pixels=max_pixels, max_bytes=max_bytes)
         except InvalidImage as exc:
             result.quarantined.append(QuarantineRecord(entry.rel_path, exc.reason, exc.detail))
         else:
-            if entry.rel_path in leftover_detail:
+            leftover = leftover_of.get(entry.rel_path)
+            if leftover is not None:
+                reason = getattr(leftover, "reason", "unpaired-leftover")
                 result.quarantined.append(
-                    QuarantineRecord(
-                        entry.rel_path, "unpaired-leftover", leftover_detail[entry.rel_path], info.sha256
-                    )
+                    QuarantineRecord(entry.rel_path, reason, leftover.detail, info.sha256)
                 )
             else:
                 good.append(ValidatedEntry(entry, info))
@@ -199,7 +452,7 @@ def validate_scan(
 
     good = _drop_duplicates(good, result.quarantined)
     if scan.paired:
-        entry_of = {e.rel_path: e for e in files}
+        entry_of = {e.rel_path: e for e in [*files, *(lo.entry for lo in refused)]}
         bad_partner: dict[tuple[str, str], QuarantineRecord] = {}
         for q in result.quarantined:
             e = entry_of[q.rel_path]

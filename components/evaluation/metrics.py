@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from components.errors import SKFError
+
 
 @dataclass(frozen=True)
 class MetricSpec:
@@ -83,7 +85,7 @@ class MetricUnavailable:
     reason: str
 
 
-class MetricUnavailableError(RuntimeError):
+class MetricUnavailableError(SKFError, RuntimeError):
     """Raised by a backend when a metric cannot be built or run; the evaluation records it, never crashes."""
 
     def __init__(self, metric: str, reason: str) -> None:

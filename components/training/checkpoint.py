@@ -8,22 +8,28 @@ the new one. Everything stored is plain data (tensors, numbers, strings, lists, 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from components.errors import SKFError
+
+log = logging.getLogger(__name__)
+
 LATEST = "latest.pt"
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SKFError, RuntimeError):
     """A checkpoint file is missing, unreadable or not one of ours."""
 
 
@@ -104,6 +110,47 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         return self.latest_path if self.latest_path.is_file() else None
 
+    def _candidates(self) -> list[Path]:
+        """``latest.pt``, then the snapshots newest first, each file once (``latest.pt`` is a hard link)."""
+        paths = [self.latest_path] if self.latest_path.is_file() else []
+        for step in reversed(self.steps()):
+            path = self.directory / step_filename(step)
+            if not any(_same_file(path, seen) for seen in paths):
+                paths.append(path)
+        return paths
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that loads, with its state; None when there is none to resume from.
+
+        A damaged ``latest.pt`` (a truncated copy, a disk error) falls back to the newest intact
+        ``step-*.pt`` with a warning, so a resume loses at most ``ckpt_every`` steps instead of failing.
+        """
+        damaged: list[str] = []
+        for path in self._candidates():
+            try:
+                state = load_checkpoint(path, map_location=map_location)
+            except CheckpointError as exc:
+                damaged.append(f"{path.name} ({str(exc).splitlines()[0]})")
+                continue
+            if damaged:
+                message = f"resuming from {path}: newer checkpoint(s) are damaged: {'; '.join(damaged)}"
+                log.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            return path, state
+        if damaged:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory} ({'; '.join(damaged)}); delete that folder to "
+                "train from scratch"
+            )
+        return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :class:`CheckpointManager` with the safe (weights-only) unpickler."""
@@ -113,8 +160,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt file or foreign pickle content
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"cannot load checkpoint {path} with weights_only=True: {exc}. If it is truncated, resume "
+            f"cannot load checkpoint {path} with weights_only=True: {detail}. If it is truncated, resume "
             f"from an older step-*.pt in {path.parent}"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:

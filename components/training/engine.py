@@ -33,7 +33,13 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset
 
-from components.training.checkpoint import FORMAT_VERSION, CheckpointManager, load_checkpoint
+from components.errors import SKFError
+from components.training.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+)
 from components.training.distributed import DistInfo, init_from_env, shutdown
 from components.training.loggers import NullLogger, RunLogger
 from components.training.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -44,7 +50,7 @@ log = logging.getLogger(__name__)
 Batch = Any
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(SKFError, RuntimeError):
     """A loss, metric or gradient became NaN/inf; training stopped before any state was corrupted on disk.
 
     ``last_checkpoint`` is the newest checkpoint written before the failure (untouched by it).
@@ -201,6 +207,11 @@ class StepContext:
         return norm.detach()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _first_bad(value: torch.Tensor) -> float:
     flat = value.detach().float().reshape(-1)
     bad = flat[~torch.isfinite(flat)]
@@ -242,6 +253,10 @@ class _Position:
     step: int = 0
     epoch: int = 0
     consumed: int = 0  # batches this rank consumed in the current epoch
+    # The last training and validation metrics, saved with each checkpoint: a run resumed at its final
+    # step (crashed after that checkpoint) still reports them instead of empty metrics.
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    val_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -318,7 +333,7 @@ class Trainer:
         pos = _Position()
         source = self._resume_source(resume)
         if source is not None:
-            pos = self._load(source)
+            pos = self._load(*source)
 
         if info.is_main:
             self.logger.log_params({**{f"trainer.{k}": v for k, v in cfg.model_dump().items()}, **params})
@@ -369,8 +384,8 @@ class Trainer:
         cfg, info = self.config, self.dist
         start = time.perf_counter()
         last_saved = pos.step if pos.step else None
-        train_metrics: dict[str, float] = {}
-        val_metrics: dict[str, float] = {}
+        train_metrics: dict[str, float] = dict(pos.train_metrics)
+        val_metrics: dict[str, float] = dict(pos.val_metrics)
         consecutive_skips = 0
         while pos.step < cfg.iterations:
             self.sampler.set_position(pos.epoch, pos.consumed * cfg.batch_size)
@@ -388,7 +403,7 @@ class Trainer:
                 ctx.step, ctx.skipped = pos.step, False
                 try:
                     raw = self.task.train_step(move_to_device(batch, self.device), pos.step, ctx)
-                    train_metrics = self._scalars(raw, pos.step)
+                    train_metrics = pos.train_metrics = self._scalars(raw, pos.step)
                 except NonFiniteLossError as err:
                     err.last_checkpoint = self.checkpoints.latest()
                     raise
@@ -408,9 +423,8 @@ class Trainer:
                     self.logger.log_metrics(
                         {**{f"train/{k}": v for k, v in train_metrics.items()}, **lrs}, pos.step
                     )
-                if cfg.ckpt_every and pos.step % cfg.ckpt_every == 0:
-                    self._save(pos)
-                    last_saved = pos.step
+                # Validate before checkpointing: a checkpoint at step N promises that step N's metrics are
+                # logged, so a crash in between resumes from the previous checkpoint and validates N again.
                 step_val = None
                 if (
                     val_loader is not None
@@ -418,7 +432,10 @@ class Trainer:
                     and pos.step % cfg.val_every == 0
                     and info.is_main
                 ):
-                    val_metrics = step_val = self._validate(val_loader, ctx, pos.step)
+                    val_metrics = pos.val_metrics = step_val = self._validate(val_loader, ctx, pos.step)
+                if cfg.ckpt_every and pos.step % cfg.ckpt_every == 0:
+                    self._save(pos)
+                    last_saved = pos.step
                 if self.progress is not None and info.is_main:
                     self.progress(
                         Progress(
@@ -519,18 +536,20 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_states,
             "config": self.config.model_dump(mode="json"),
+            "metrics": {"train": dict(pos.train_metrics), "val": dict(pos.val_metrics)},
         }
         self.checkpoints.save(state, pos.step)
 
-    def _resume_source(self, resume: bool | str | Path) -> Path | None:
+    def _resume_source(self, resume: bool | str | Path) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from and its state: the newest intact one of ``run_dir`` for ``True``."""
         if resume is False:
             return None
         if resume is True:
-            return self.checkpoints.latest()
-        return Path(resume)
+            return self.checkpoints.load_latest(map_location=self.device)
+        path = Path(resume)
+        return path, load_checkpoint(path, map_location=self.device)
 
-    def _load(self, path: Path) -> _Position:
-        state = load_checkpoint(path, map_location=self.device)
+    def _load(self, path: Path, state: dict[str, Any]) -> _Position:
         for kind, live in (
             ("modules", self.modules),
             ("optimizers", self.optimizers),
@@ -538,12 +557,18 @@ class Trainer:
         ):
             saved = state[kind]
             if set(saved) != set(live):
-                raise ValueError(
+                raise CheckpointError(
                     f"checkpoint {path} has {kind} {sorted(saved)} but the task builds {sorted(live)}: "
                     "resume with the same baseline/recipe or start a fresh run_dir"
                 )
-            for name, obj in live.items():
-                obj.load_state_dict(saved[name])
+            try:
+                for name, obj in live.items():
+                    obj.load_state_dict(saved[name])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise CheckpointError(
+                    f"checkpoint {path} does not fit this training ({kind}: {_first_line(exc)}); resume "
+                    "with the same baseline/recipe or delete the run's checkpoints to start over"
+                ) from exc
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         rng_states = state["rng"]
@@ -551,7 +576,14 @@ class Trainer:
             state["world_size"] == self.dist.world_size and state["batch_size"] == self.config.batch_size
         )
         restore_rng_state(rng_states[self.dist.rank] if same_world else rng_states[0])
-        pos = _Position(state["step"], state["epoch"], state["consumed"])
+        metrics = state.get("metrics") or {}  # absent in checkpoints written before it was kept
+        pos = _Position(
+            state["step"],
+            state["epoch"],
+            state["consumed"],
+            dict(metrics.get("train") or {}),
+            dict(metrics.get("val") or {}),
+        )
         if not same_world:
             warnings.warn(
                 f"resuming {path} with world size/batch size {self.dist.world_size}/{self.config.batch_size} "
@@ -559,7 +591,9 @@ class Trainer:
                 "so the data order differs from an uninterrupted run",
                 stacklevel=2,
             )
-            pos = _Position(pos.step, pos.epoch + (1 if pos.consumed else 0), 0)
+            pos = _Position(
+                pos.step, pos.epoch + (1 if pos.consumed else 0), 0, pos.train_metrics, pos.val_metrics
+            )
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d)", path, pos.step, pos.epoch)
         return pos

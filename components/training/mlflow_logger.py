@@ -52,8 +52,16 @@ class MlflowLogger:
             )
             run_id = run.info.run_id
         self.run_id = run_id
+        # Continuing a run: a resume replays the steps after its checkpoint, whose metrics may already be
+        # logged; those steps are not logged again, so every metric history keeps one value per step.
+        self._logged_up_to: dict[str, int] = {} if run is not None else self._last_steps()
         if tags and run is None:  # continuing a run: add the tags to it
             self.set_tags(tags)
+
+    def _last_steps(self) -> dict[str, int]:
+        """The last step logged for each metric of the (continued) run."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in keys}
 
     # RunLogger ---------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -63,7 +71,11 @@ class MlflowLogger:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()]
+        items = [
+            Metric(str(k), float(v), now, int(step))
+            for k, v in metrics.items()
+            if int(step) > self._logged_up_to.get(str(k), -1)
+        ]
         for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
 

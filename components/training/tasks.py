@@ -2,7 +2,7 @@
 
 A task turns a :class:`~components.recipes.Recipe` into what the engine runs: the network (and the SA
 discriminator), Adam optimisers, the per-iteration LR schedule, and one iteration of the official
-recipe (skf-method.md §5.1) with the clean-implementation choices of §4.4 and §8:
+recipe (docs/method.md §6) with the clean-implementation choices of §5.3 and §10:
 
 * DRBN-SKF: recurrences 1–3 → SKB on their output r₃ *with gradients to the input* (weights frozen) →
   recurrence 4 with SE(F1, F0, Z) → SKB on ŷ₁ → D step (SA, persistent D, detached ŷ₁) → G step on
@@ -30,7 +30,8 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import Dataset
 
 from components.baseline_losses import build_baseline_loss, ssim
-from components.recipes import OptimizerConfig, Recipe, SchedulerConfig
+from components.errors import SKFError
+from components.recipes import OptimizerConfig, Recipe, RecipeError, SchedulerConfig
 from components.registry import create, resolved_spec
 from components.skb import Priors
 from components.training.engine import FitResult, Progress, StepContext, Trainer, TrainerConfig, select_device
@@ -43,6 +44,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "build_task",
+    "check_model_overrides",
     "run_params",
     "train",
     "trainer_config",
@@ -57,7 +59,7 @@ SE_SPECS = {"drbn": "se/restormer-xattn-gdfn@1", "snr-net": "se/restormer-xattn-
 _SCH_NORMALIZERS = {"nhw": "nhw", "n59hw3": "nchw3"}  # recipe name -> loss/sch@1 name
 
 
-class SKFTaskError(ValueError):
+class SKFTaskError(SKFError, ValueError):
     """The recipe, SKB and data do not fit together; the message says what to change."""
 
 
@@ -211,7 +213,7 @@ def _drbn_sem(priors: Priors, size: tuple[int, int]) -> tuple[Tensor, Tensor, Te
 
 
 class DRBNTask(_BaseTask):
-    """DRBN and DRBN-SKF (skf-method.md §5.1, §4.4)."""
+    """DRBN and DRBN-SKF (docs/method.md §6, §5.3)."""
 
     family = "drbn"
 
@@ -318,14 +320,16 @@ def _snr_sem(priors: Priors) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class SNRTask(_BaseTask):
-    """SNR-Net and SNR-SKF (skf-method.md §5.1): Charbonnier-sum + 10⁴·SCH every 50 steps, no SA."""
+    """SNR-Net and SNR-SKF (docs/method.md §6): Charbonnier-sum + 10⁴·SCH every 50 steps, no SA."""
 
     family = "snr-net"
 
     def __init__(self, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
         super().__init__(net, recipe, skb)
         if self.skf.sa.enabled:
-            raise SKFTaskError("SA is only defined for DRBN-SKF (skf-method.md §4); set skf.sa.enabled=false")
+            raise SKFTaskError(
+                "SA is only defined for DRBN-SKF (docs/method.md §5); set skf.sa.enabled=false"
+            )
         if self.skf.skb_input == "intermediate":
             raise SKFTaskError("SNR-SKF segments a fixed image: set skf.skb_input to 'lq' or 'gt'")
 
@@ -398,11 +402,56 @@ def build_task(
         )
     if recipe.skf.enabled and recipe.skf.skb_mode == "cached" and prior_cache is None:
         log.info("cached priors: batches must carry 'priors' (dataset priors_loader); no prior_cache given")
-    net = create(spec, **recipe.builder_kwargs())
+    try:
+        net = create(spec, **recipe.builder_kwargs())
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SKFTaskError(
+            f"cannot build {spec} with model overrides {dict(recipe.model)}: {exc}; fix the model.* values"
+        ) from exc
     task = _TASKS[family](net, recipe, skb)
     task.spec = spec  # type: ignore[attr-defined]
     task.prior_cache = prior_cache  # type: ignore[attr-defined]
     return task
+
+
+def _network_class(spec: str) -> type[nn.Module]:
+    from models.drbn import DRBN
+    from models.snr_net import SNRNet
+
+    return {"baseline/drbn": DRBN, "baseline/snr-net": SNRNet}[spec.split("@", 1)[0]]
+
+
+def _check_override(spec: str, key: str, value: Any, default: Any) -> None:
+    """One ``model.<key>`` value against the builder default's type: counts must be positive integers."""
+    if isinstance(default, bool) or default is None:
+        return
+    if isinstance(default, int):
+        lowest = 0 if key.endswith("_blocks") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise RecipeError(
+                f"model.{key}={value!r} is not valid for {spec}: it must be an integer >= {lowest} "
+                f"(default {default}); e.g. --set model.{key}={default}"
+            )
+    elif isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise RecipeError(
+            f"model.{key}={value!r} is not valid for {spec}: it must be a number (default {default})"
+        )
+
+
+def check_model_overrides(spec: str, model: Mapping[str, Any]) -> None:
+    """Reject unknown or ill-typed ``model.*`` overrides before any work (the builder would fail later,
+    or build a network that only breaks in its first forward pass, e.g. ``model.nf=0``)."""
+    import inspect
+
+    family = resolved_spec(spec).split("@", 1)[0]
+    if family not in _TASKS:
+        return
+    params = dict(inspect.signature(_network_class(family)).parameters)
+    params.pop("seg", None)  # set by skf.se, never by model.*
+    for key, value in model.items():
+        if key not in params:
+            raise RecipeError(f"model.{key}: unknown key for {spec}; known: {', '.join(sorted(params))}")
+        _check_override(spec, key, value, params[key].default)
 
 
 def priors_loader_for(task: _BaseTask) -> Any:
@@ -465,7 +514,7 @@ def run_params(task: _BaseTask) -> dict[str, Any]:
 
 
 def _init_from(task: _BaseTask, uri: str) -> None:
-    """Non-strict warm start (SNR-SKF from the SNR baseline, skf-method.md §5); reports skipped keys."""
+    """Non-strict warm start (SNR-SKF from the SNR baseline, docs/method.md §7); reports skipped keys."""
     from components.checkpoints import load_checkpoint
 
     state = load_checkpoint(uri).state_dict

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from components.data.layouts import LAYOUTS, LayoutError
-from components.data.sources import SourceError
+from components.data.layouts import LAYOUTS
+from components.errors import UserInputError
 from flows.commands._progress import progress_bar
 
 if TYPE_CHECKING:
@@ -42,28 +42,36 @@ def register(app: typer.Typer) -> None:
     def ingest_command(
         source: str = typer.Argument(..., help="Folder, .zip/.tar.gz archive, or s3://bucket/prefix."),
         name: str = typer.Option(..., "--name", "-n", help="Dataset name, e.g. lol or lol-v2-real."),
-        layout: str = typer.Option("auto", help=f"Layout: auto, {', '.join(LAYOUTS)}."),
-        max_pixels: int = typer.Option(64_000_000, help="Largest image (width x height) accepted."),
+        layout: str = typer.Option(
+            "auto",
+            help=f"Layout: auto, {', '.join(LAYOUTS)}. Files pair by name; append +pair-by-order "
+            "(e.g. lol-v2-real+pair-by-order) to pair them by sorted order instead (recorded in the version).",
+        ),
+        max_pixels: int | None = typer.Option(
+            None, help="Largest image (width x height) accepted [default: SKF_MAX_IMAGE_PIXELS]."
+        ),
     ) -> None:
-        """Ingest SOURCE as a new version of dataset NAME (a no-op when the content is unchanged)."""
-        from components.data.ingest import IngestError, ingest
+        """Ingest SOURCE as a new version of dataset NAME (a no-op when the content is unchanged).
+
+        Failures (missing source, unknown layout, unsafe or oversized archive, nothing valid) are
+        SKFErrors: they propagate to the CLI boundary, which prints one ``error:`` line.
+        """
+        from components.data.ingest import ingest
 
         console = Console()
-        try:
-            with progress_bar(console) as bar:
-                task_id = bar.add_task("ingesting", total=None, info="")
+        with progress_bar(console) as bar:
+            task_id = bar.add_task("ingesting", total=None, info="")
 
-                def progress(done: int, total: int) -> None:
-                    bar.update(task_id, completed=done, total=total)
+            def progress(done: int, total: int) -> None:
+                bar.update(task_id, completed=done, total=total)
 
-                result = ingest(source, name=name, layout=layout, progress=progress, max_pixels=max_pixels)
-        except (LayoutError, SourceError, IngestError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-            raise typer.Exit(code=2) from exc
+            result = ingest(source, name=name, layout=layout, progress=progress, max_pixels=max_pixels)
         for table in _summary_tables(result):
             console.print(table)
         if result.changes:
             console.print(", ".join(f"{k}: {len(v)}" for k, v in result.changes.items()) + " pair keys")
+        if result.conversions:
+            console.print(f"{len(result.conversions)} image(s) are not plain RGB (see the report)")
         if result.report_uri:
             console.print(f"quarantine report: {result.report_uri}")
         console.print(f"[green]{result.ref}[/green] manifest {result.manifest_sha256}")
@@ -84,9 +92,8 @@ def register(app: typer.Typer) -> None:
             root = generate_demo_dataset(
                 out, seed=seed, size=(height, width), pairs_per_photo=pairs, overwrite=overwrite
             )
-        except (ValueError, FileExistsError) as exc:
-            Console().print(f"[red]error:[/red] {exc}", soft_wrap=True)
-            raise typer.Exit(code=2) from exc
+        except (ValueError, FileExistsError) as exc:  # bad options or an existing dataset: the CLI's one line
+            raise UserInputError(str(exc)) from exc
         n_train = len(list((root / "our485" / "low").iterdir()))
         n_test = len(list((root / "eval15" / "low").iterdir()))
         Console().print(f"wrote {n_train} train and {n_test} test pairs to {root}")

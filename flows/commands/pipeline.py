@@ -17,6 +17,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from components.errors import UserInputError
 from flows.commands._progress import progress_bar
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -24,16 +25,30 @@ PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.iterations=100", "optimizer.lr=2e-4"]`` -> ``{"train.iterations": 100, ...}`` (YAML values)."""
+    """``["train.iterations=100", "optimizer.lr=2e-4"]`` -> ``{"train.iterations": 100, ...}`` (YAML values).
+
+    Values are plain YAML scalars or lists/mappings (``yaml.safe_load``: tags such as ``!!python/object``
+    are refused); a malformed item is a :class:`~components.errors.UserInputError` naming it.
+    """
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(
-                f"{item!r}: expected KEY=VALUE, e.g. train.iterations=1000", param_hint="--set"
-            )
-        out[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if not sep or not key:
+            raise UserInputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.iterations=1000")
+        out[key] = _override_value(key, value)
     return out
+
+
+def _override_value(key: str, value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserInputError(
+            f"--set {key}={value!r}: not a plain YAML value ({problem}); give a number, string, "
+            "true/false, null or a [list], e.g. --set train.iterations=1000"
+        ) from None
 
 
 def _error(console: Console, exc: BaseException) -> typer.Exit:
@@ -100,23 +115,19 @@ def train_command(
     device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
 ) -> None:
     """Train (or resume, or reuse) a model on VERSION_REF; prints the MLflow run and checkpoint."""
-    from components.recipes import RecipeError
-    from components.registry import UnknownComponentError
+    # Failures are SKFErrors, left to the CLI boundary (flows.cli.main): one `error:` line on stderr.
     from flows.train import plan_training, run_training
 
     console = Console()
-    try:
-        plan = plan_training(
-            baseline,
-            recipe,
-            {"se": se, "sch": sch, "sa": sa},
-            skb,
-            skb_mode,
-            parse_overrides(override),
-            skb_checkpoint,
-        )
-    except (UnknownComponentError, RecipeError, ValueError) as exc:
-        raise _error(console, exc) from exc
+    plan = plan_training(
+        baseline,
+        recipe,
+        {"se": se, "sch": sch, "sa": sa},
+        skb,
+        skb_mode,
+        parse_overrides(override),
+        skb_checkpoint,
+    )
     with progress_bar(console) as bar:
         task_id = bar.add_task("training", total=plan.recipe.train.iterations, info="")
 
@@ -125,17 +136,14 @@ def train_command(
             info = " ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:4])
             bar.update(task_id, completed=p.step, info=info)
 
-        try:
-            outcome = run_training(
-                version_ref,
-                plan,
-                val_fraction=val_fraction,
-                device=device,
-                progress=progress,
-                log=lambda msg: bar.console.print(msg, soft_wrap=True),
-            )
-        except LookupError as exc:
-            raise _error(console, exc) from exc
+        outcome = run_training(
+            version_ref,
+            plan,
+            val_fraction=val_fraction,
+            device=device,
+            progress=progress,
+            log=lambda msg: bar.console.print(msg, soft_wrap=True),
+        )
     table = Table(title=f"{plan.recipe.name} on {outcome.dataset_version}: {outcome.status}")
     table.add_column("")
     table.add_column("", overflow="fold")
@@ -158,25 +166,36 @@ def evaluate_command(
         [], "--unpaired", help="Unpaired dataset version for NIQE (repeatable)."
     ),
     device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    force: bool = typer.Option(
+        False, "--force", help="Recompute an evaluation already recorded on the run and overwrite it."
+    ),
 ) -> None:
-    """Score MODEL on VERSION_REF's test pairs (PSNR, SSIM, LPIPS, NIQE) and log the results to its run."""
-    from flows.evaluate import ModelNotFoundError, run_evaluation
+    """Score MODEL on VERSION_REF's test pairs (PSNR, SSIM, LPIPS, NIQE) and log the results to its run.
+
+    An evaluation already recorded (same protocol and dataset versions) is shown, not repeated; --force
+    recomputes it, e.g. once the weights of an unavailable metric are installed.
+    """
+    from components.errors import SKFError
+    from flows.evaluate import run_evaluation
 
     console = Console()
-    with progress_bar(console) as bar:
-        task_id = bar.add_task("enhancing", total=None, info="")
-        try:
+    try:
+        with progress_bar(console) as bar:
+            task_id = bar.add_task("enhancing", total=None, info="")
             result = run_evaluation(
                 model,
                 version_ref,
                 protocol,
                 unpaired,
                 device=device,
+                force=force,
                 progress=lambda done, total: bar.update(task_id, completed=done, total=total),
-                log=lambda msg: bar.console.print(msg, soft_wrap=True),
+                log=lambda msg: bar.console.print(msg, soft_wrap=True, markup=False),
             )
-        except (ModelNotFoundError, LookupError, ValueError) as exc:
-            raise _error(console, exc) from exc
+    except (SKFError, LookupError, ValueError) as exc:
+        # Also the error boundary under CliRunner (tests), where flows.cli.main is not in the way.
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(getattr(exc, "exit_code", 2)) from exc
     console.print(metrics_table(result))
     console.print(f"per-image scores: {result['csv_uri']}\ncrops: {result['grid_uri']}", soft_wrap=True)
 

@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
     ) -> None:
         """Compute and cache the SKB priors of VERSION_REF's low-light images that are not cached yet."""
+        from components.errors import SKFError, UserInputError
         from components.precompute import precompute_priors
         from components.registry import UnknownComponentError
 
@@ -47,9 +48,10 @@ def register(app: typer.Typer) -> None:
                     progress=progress,
                     device=device,
                 )
-        except (UnknownComponentError, LookupError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(code=2) from exc
+        except SKFError:
+            raise
+        except (UnknownComponentError, LookupError, ValueError) as exc:  # bad ref or spec: the CLI's one line
+            raise UserInputError(str(exc)) from exc
 
         table = Table(title=f"Priors for {summary.version_ref}")
         table.add_column("")

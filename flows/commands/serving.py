@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from components.serving import IMAGE_SUFFIXES, UnreadableImageError, read_image, write_image
+from components.errors import SKFError, UserInputError
+from components.serving import IMAGE_SUFFIXES, read_image, write_image
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -23,39 +27,78 @@ def _inputs(source: Path) -> list[Path]:
     raise typer.BadParameter(f"{source} does not exist", param_hint="IN")
 
 
+def _targets(source: Path, dest: Path, files: list[Path], overwrite: bool) -> list[Path]:
+    """Where each input is written; refuses to replace an input image unless ``overwrite``."""
+    if source.is_file():
+        targets = [dest / source.name if dest.is_dir() else dest]
+    else:
+        targets = [dest / path.name for path in files]
+    clobbered = [t for t, f in zip(targets, files, strict=True) if t.resolve() == f.resolve()]
+    if clobbered and not overwrite:
+        where = f"folder {dest}" if source.is_dir() else f"file {targets[0]}"
+        raise UserInputError(
+            f"OUT {where} would overwrite {len(clobbered)} input image(s) such as {clobbered[0]}; choose another "
+            "OUT or pass --overwrite to replace the originals"
+        )
+    return targets
+
+
+#: Per-file failures that skip the file, not the batch: unreadable or oversized images, a decoder's
+#: internal errors (truncated data), an enhancement that fails on one image (e.g. out of memory), a
+#: write that fails.
+_SKIPPABLE: tuple[type[BaseException], ...] = (
+    SKFError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    RuntimeError,
+    MemoryError,
+    zlib.error,
+)
+
+
+def _enhance_file(enhancer: Any, path: Path, target: Path) -> None:
+    from components.serving import enhance_image
+
+    write_image(target, enhance_image(enhancer, read_image(path)))
+
+
 def enhance_command(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     source: Path = typer.Argument(..., metavar="IN", help="An image file or a folder of images."),
     dest: Path = typer.Argument(..., metavar="OUT", help="Output file (for a file IN) or folder."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Allow OUT to replace the input images (e.g. `skf enhance IN IN`)."
+    ),
 ) -> None:
     """Enhance images with a registered model, keeping file names and bit depth (16-bit stays 16-bit).
 
-    Unreadable files are skipped with a message; the exit code is 0 when at least one image was written.
+    Unreadable, oversized (over SKF_MAX_ENHANCE_PIXELS) or failing files are skipped with a message; the
+    exit code is 0 when at least one image was written. Images with a side over SKF_ENHANCE_TILE are
+    enhanced in overlapping tiles to bound memory. OUT never replaces an input unless --overwrite.
     """
-    from components.serving import enhance_arrays, load_enhancer
+    from components.serving import load_enhancer
 
     files = _inputs(source)
     if not files:
         typer.echo(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}", err=True)
         raise typer.Exit(1)
-    single = source.is_file()
-    if single and dest.is_dir():
-        dest = dest / source.name
+    targets = _targets(source, dest, files, overwrite)
     enhancer = load_enhancer(model, device=device)
     done, skipped = 0, []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("enhancing", total=len(files))
-        for path in files:
-            target = dest if single else dest / path.name
+        for path, target in zip(files, targets, strict=True):
             try:
-                image = read_image(path)
-            except (UnreadableImageError, OSError) as exc:
+                _enhance_file(enhancer, path, target)
+            except _SKIPPABLE as exc:
                 skipped.append(path.name)
-                progress.console.print(f"[yellow]skipped[/] {exc}")
+                reason = str(exc) if isinstance(exc, SKFError) else f"{path}: {type(exc).__name__}: {exc}"
+                progress.console.print(f"[yellow]skipped[/] {escape(reason)}", soft_wrap=True)
             else:
-                write_image(target, enhance_arrays(enhancer, [image])[0])
                 done += 1
             progress.advance(task)
     typer.echo(f"enhanced {done} of {len(files)} image(s) into {dest}; skipped {len(skipped)}")
@@ -80,11 +123,7 @@ def export_command(
     if fmt not in FORMATS:
         raise typer.BadParameter(f"expected one of {', '.join(FORMATS)}", param_hint="--format")
     enhancer = load_enhancer(model, device="cpu")
-    try:
-        path = export_enhancer(enhancer, out, fmt, height=height, width=width, batch=batch)  # type: ignore[arg-type]
-    except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    path = export_enhancer(enhancer, out, fmt, height=height, width=width, batch=batch)  # type: ignore[arg-type]
     typer.echo(f"exported {fmt} for input ({batch}, 3, {height}, {width}) to {path}")
 
 
