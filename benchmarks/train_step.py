@@ -1,7 +1,7 @@
 """Benchmark: cost of SKF on one real training step (forward, backward, optimiser) on CPU.
 
 For DRBN (batch 4, 256x256 crops) and SNR-Net (batch 16, 128x128), at the recipe batch and crop, the
-step of :class:`~components.training.tasks.DRBNTask` / ``SNRTask`` is timed through the engine's
+step of :class:`~components.baselines.drbn.DRBNTask` / ``SNRTask`` is timed through the engine's
 :class:`~components.training.engine.StepContext` for
 
 * ``a``  plain baseline (recipes ``drbn``, ``snr-net``);

@@ -1,12 +1,9 @@
 """The deployable enhancer: a baseline network plus the SKB it needs, running the baseline's test-time flow.
 
 :class:`Enhancer` maps a (B, 3, H, W) batch in [0, 1] (any H, W) to an enhanced batch of the same size,
-clamped to [0, 1]. What the SKB is run on follows the released test code (docs/method.md §2.5, §6):
-
-* DRBN-SKF: recurrences 1-3 -> SKB on their output r3 -> recurrence 4 with SE on (F1, F0, Z).
-* SNR-SKF: SKB on the low-light input -> network; ``two_pass=True`` repeats it once with the SKB run on
-  the first output (the official ``test.py``; the SNR mask always comes from the input).
-* plain baselines (``skf=False``): the network alone, no SKB.
+clamped to [0, 1]. The flow -- what the SKB is run on, and when -- belongs to the baseline's family
+(:meth:`components.baselines.BaselineFamily.enhance`, following the released test code, docs/method.md
+§6); the enhancer only supplies priors from its SKB. Plain baselines (``skf=False``) run without an SKB.
 
 An enhancer is rebuilt from a small JSON-able :class:`EnhancerSpec` plus two state dicts
 (:func:`build_enhancer`), which is what the model registry stores: no pickled Python objects.
@@ -28,12 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from components.baselines import get_family
 from components.checkpoints import load_strict
 from components.errors import SKFError
 from components.registry import create, resolved_spec
 from components.skb import Priors, SemanticKnowledgeBank
-from models.drbn import DRBN
-from models.snr_net import SNRNet, snr_mask
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +39,6 @@ NET_FILE = "enhancer.safetensors"
 SKB_FILE = "skb.safetensors"
 #: The SKB settings an enhancer may fix (everything else comes from the SKB's registered builder).
 SKB_SETTING_KEYS: tuple[str, ...] = ("bn_mode", "input_transform", "pad_multiple", "amp")
-
-# Where each baseline's SE blocks live, in the order of its ``sem_inputs``.
-_SE_BLOCKS: dict[type[nn.Module], tuple[str, ...]] = {
-    DRBN: ("recur4.fuseblk_1", "recur4.fuseblk_2", "recur4.fuseblk_3"),
-    SNRNet: ("att_block_1", "att_block_2", "att_block_3"),
-}
 
 
 class EnhancerSpecError(SKFError, ValueError):
@@ -163,21 +153,23 @@ class Enhancer(nn.Module):
 
     def __init__(self, net: nn.Module, skb: SemanticKnowledgeBank | None, spec: EnhancerSpec) -> None:
         super().__init__()
-        if type(net) not in _SE_BLOCKS:
+        family = get_family(spec.baseline)
+        if not isinstance(net, family.network):
             raise EnhancerSpecError(
-                f"no test-time flow for {type(net).__name__}; supported: {[t.__name__ for t in _SE_BLOCKS]}"
+                f"{spec.baseline} builds a {family.network.__name__}, not a {type(net).__name__}"
             )
         if spec.skf != bool(getattr(net, "seg", False)):
             raise EnhancerSpecError(f"spec says skf={spec.skf} but the network was built with seg={net.seg}")
         if spec.skf and skb is None:
             raise EnhancerSpecError("an SKF enhancer needs its SKB")
-        if spec.two_pass and not isinstance(net, SNRNet):
-            raise EnhancerSpecError("two_pass is SNR-SKF's test flow; other baselines run a single pass")
+        if spec.two_pass and not family.supports_two_pass:
+            raise EnhancerSpecError(f"{spec.baseline} has no two-pass test flow; use two_pass=False")
+        self.family = family
         self.net = net
         self.skb = skb if spec.skf else None
         self.spec = spec
         if self.skb is not None:
-            _check_sem_channels(net, self.skb)
+            family.check_skb(net, self.skb)
 
     @property
     def pretrained_skb(self) -> bool:
@@ -196,52 +188,17 @@ class Enhancer(nn.Module):
             raise ValueError(
                 f"Enhancer expects a float (B, 3, H, W) batch in [0, 1]; got {x.dtype} {tuple(x.shape)}"
             )
-        out = self._drbn(x) if isinstance(self.net, DRBN) else self._snr(x)
+        priors_for = self._priors if self.skb is not None else None
+        out = self.family.enhance(self.net, x, priors_for, two_pass=self.spec.two_pass)
         return out.clamp(0.0, 1.0)
 
-    def _priors(self, image: Tensor) -> Priors:
+    def _priors(self, stage: str, image: Tensor) -> Priors:
+        """Priors of ``image`` from the enhancer's SKB, whatever the stage (the released test flows)."""
         assert self.skb is not None
         return self.skb(image, grad=torch.is_grad_enabled() and image.requires_grad)
 
-    def _drbn(self, x: Tensor) -> Tensor:
-        net: DRBN = self.net  # type: ignore[assignment]
-        state = net.forward_1(x)
-        sem = None
-        if self.skb is not None:
-            r3 = state.image
-            p = self._priors(r3)
-            sem = (p.f1, p.f0, p.full_logits(tuple(r3.shape[-2:])))
-        return net.forward_2(state, sem)[0]
-
-    def _snr(self, x: Tensor) -> Tensor:
-        net: SNRNet = self.net  # type: ignore[assignment]
-        mask = snr_mask(x)
-        if self.skb is None:
-            return net(x, mask)
-        out = net(x, mask, sem=self._priors(x).features)
-        if self.spec.two_pass:
-            out = net(x, mask, sem=self._priors(out).features)
-        return out
-
     def extra_repr(self) -> str:
         return f"baseline={self.spec.baseline}, skf={self.spec.skf}, skb={self.spec.skb}, two_pass={self.spec.two_pass}"
-
-
-def _check_sem_channels(net: nn.Module, skb: SemanticKnowledgeBank) -> None:
-    """The SE blocks must be built for the SKB's feature widths; say which ones differ, not a conv error."""
-    provided = {"F0": skb.feature_channels[0], "F1": skb.feature_channels[1], "F2": skb.feature_channels[2]}
-    provided["Z"] = skb.num_classes
-    wrong = []
-    for name, path in zip(net.sem_inputs, _SE_BLOCKS[type(net)], strict=True):
-        need = net.get_submodule(path).sem_channels
-        if need != provided[name]:
-            wrong.append(f"{path} takes {name} with {need} channels, the SKB gives {provided[name]}")
-    if wrong:
-        raise EnhancerSpecError(
-            f"SKB {skb.spec} does not fit {type(net).__name__}'s SE blocks: "
-            + "; ".join(wrong)
-            + ". Use an SKB with the SKF feature widths (48/96/192, 59 classes) such as skb/hrnet-w48-pascal@1 (or skb/hrnet-w48-lite@1 for tests)"
-        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,12 +25,12 @@ from components import registry
 from components.catalog import Catalog, open_catalog
 from components.data.records import ImageRecord
 from components.prior_cache import CacheEntry, PriorCache
+from components.progress import ProgressCallback
 from components.skb import Priors
 from components.storage import Storage, StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
 T = TypeVar("T")
 
 DEFAULT_SKB = "skb/hrnet-w48-pascal@1"
@@ -135,7 +135,7 @@ def size_batches(records: Sequence[ImageRecord], batch_size: int) -> Iterator[li
 class _Run:
     """Mutable state of one precompute run (counts, errors), shared by the worker threads' callbacks."""
 
-    def __init__(self, total: int, progress: Progress | None) -> None:
+    def __init__(self, total: int, progress: ProgressCallback | None) -> None:
         self.total = total
         self.done = 0
         self.computed = 0
@@ -165,7 +165,7 @@ def precompute_priors(
     checkpoint: str | None = None,
     batch_size: int = 4,
     splits: Sequence[str] = DEFAULT_SPLITS,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     catalog: Catalog | None = None,
     storage: Storage | None = None,
     skb: Any = None,

@@ -126,7 +126,7 @@ class SCHConfig(_Strict):
 
     enabled: bool = False
     weight: float = Field(1.0, ge=0)
-    normalizer: Literal["nhw", "n59hw3"] = Field("nhw", description="N·H·W (SNR/LLFlow) or N·59·H·W·3 (DRBN)")
+    normalizer: Literal["nhw", "nchw3"] = Field("nhw", description="N·H·W (SNR/LLFlow) or N·59·H·W·3 (DRBN)")
     every: int = Field(1, gt=0)
 
 
@@ -135,13 +135,13 @@ class SAConfig(_Strict):
 
     enabled: bool = False
     weight: float = Field(0.1, ge=0)
-    global_weight: float = Field(0.9, ge=0, le=1, description="λ between global and local D terms")
+    lam: float = Field(0.9, ge=0, le=1, description="λ between global and local D terms")
     d_lr_ratio: float = Field(1e-3, gt=0, description="discriminator lr = generator lr × this")
-    official_bugs: bool = Field(False, description="reproduce the released mask aliasing / untrained conv0")
+    official_compat: bool = Field(False, description="reproduce the released mask aliasing / untrained conv0")
     precision: SAPrecision = Field(
         "auto",
         description="the discriminator step's passes: 'auto' = bf16 autocast where the device has native "
-        "bf16 (AVX512-BF16/AMX CPU, sm80+ GPU) unless official_bugs, else fp32; parameters, losses and the "
+        "bf16 (AVX512-BF16/AMX CPU, sm80+ GPU) unless official_compat, else fp32; parameters, losses and the "
         "generator's adversarial pass stay fp32",
     )
 

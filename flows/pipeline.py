@@ -17,16 +17,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 
 from components.errors import SKFError
 from components.recipes import deep_merge
-from flows.train import DEFAULT_BASELINE, DEFAULT_SKB, DEFAULT_VAL_FRACTION, OFF, TrainingPlan, plan_training
+from components.training.plan import OFF, TrainingPlan, TrainingRequest, plan
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "pipelines"
 DEMO_DIRNAME = "demo-data"
@@ -76,21 +76,23 @@ class DatasetParams(_Params):
     )
 
 
-class ComponentParams(_Params):
-    skb: str = Field(DEFAULT_SKB, description="SKB spec, or 'off' for the plain baseline.")
-    se: str | None = Field(None, description="SE spec or 'off' (None: as the recipe says).")
-    sch: str | None = Field(None, description="SCH loss spec or 'off' (None: as the recipe says).")
-    sa: str | None = Field(None, description="SA loss spec or 'off' (None: as the recipe says).")
+def _request_fields(*names: str) -> dict[str, Any]:
+    """Fields of :class:`TrainingRequest` (type, default, description, bounds), declared there only."""
+    return {n: (TrainingRequest.model_fields[n].annotation, TrainingRequest.model_fields[n]) for n in names}
 
 
-class TrainingParams(_Params):
-    recipe: str | None = Field(None, description="Recipe name or YAML path (default: <baseline>-skf).")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="Recipe overrides (dotted keys ok).")
-    skb_mode: Literal["cached", "online"] | None = Field(None, description="None: the recipe's mode.")
-    skb_checkpoint: str | None = Field(None, description="HRNet checkpoint path/URI (None: random init).")
-    val_fraction: float = Field(DEFAULT_VAL_FRACTION, ge=0.0, lt=1.0)
-    device: str | None = None
-    stop_after_step: int | None = Field(None, gt=0, description="Fail on purpose after this step (drills).")
+#: The SKB and SKF module specs of the request.
+ComponentParams = create_model(
+    "ComponentParams", __base__=_Params, **_request_fields("skb", "se", "sch", "sa")
+)
+
+#: How the request trains: the rest of :class:`TrainingRequest`, plus a failure drill.
+TrainingParams = create_model(
+    "TrainingParams",
+    __base__=_Params,
+    **_request_fields("recipe", "overrides", "skb_mode", "skb_checkpoint", "val_fraction", "device"),
+    stop_after_step=(int | None, Field(None, gt=0, description="Fail on purpose after this step (drills).")),
+)
 
 
 class EvaluationParams(_Params):
@@ -134,12 +136,16 @@ class SkfTrainParams(_Params):
     preset: str | None = None
     description: str = ""
     dataset: DatasetParams = Field(default_factory=DatasetParams)
-    baseline: str = DEFAULT_BASELINE
-    components: ComponentParams = Field(default_factory=ComponentParams)
-    training: TrainingParams = Field(default_factory=TrainingParams)
+    baseline: str = Field(
+        TrainingRequest.model_fields["baseline"].default,
+        description=TrainingRequest.model_fields["baseline"].description,
+    )
+    components: ComponentParams = Field(default_factory=ComponentParams)  # type: ignore[valid-type]
+    training: TrainingParams = Field(default_factory=TrainingParams)  # type: ignore[valid-type]
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     precompute_batch_size: int = Field(4, gt=0)
+    _plan: TrainingPlan | None = PrivateAttr(None)
 
     @model_validator(mode="before")
     @classmethod
@@ -165,34 +171,19 @@ class SkfTrainParams(_Params):
             parse_ref(ref)
         for metric in (self.registry.promotion.primary_metric, *self.registry.promotion.guards):
             get_metric(metric)
-        self.plan()  # component specs, recipe and overrides
+        self._plan = plan(self.request())  # component specs, recipe and overrides: planned once, here
         return self
 
-    def plan(self) -> TrainingPlan:
-        return plan_training(
-            baseline=self.baseline,
-            recipe=self.training.recipe,
-            skf={"se": self.components.se, "sch": self.components.sch, "sa": self.components.sa},
-            skb=self.components.skb,
-            skb_mode=self.training.skb_mode,
-            overrides=self.training.overrides,
-            skb_checkpoint=self.training.skb_checkpoint,
-        )
+    def request(self) -> TrainingRequest:
+        """The training request these parameters make (the ``components`` and ``training`` groups)."""
+        training = self.training.model_dump(exclude={"stop_after_step"})
+        return TrainingRequest(baseline=self.baseline, **self.components.model_dump(), **training)
 
-    def train_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of the ``train-model`` flow (besides the dataset version)."""
-        return {
-            "baseline": self.baseline,
-            "recipe": self.training.recipe,
-            "skf": {"se": self.components.se, "sch": self.components.sch, "sa": self.components.sa},
-            "skb": self.components.skb,
-            "skb_mode": self.training.skb_mode,
-            "overrides": dict(self.training.overrides),
-            "skb_checkpoint": self.training.skb_checkpoint,
-            "val_fraction": self.training.val_fraction,
-            "device": self.training.device,
-            "stop_after_step": self.training.stop_after_step,
-        }
+    def plan(self) -> TrainingPlan:
+        """The plan made when these parameters were validated."""
+        if self._plan is None:  # a copy made without validation
+            self._plan = plan(self.request())
+        return self._plan
 
 
 def resolve_params(params: SkfTrainParams | Mapping[str, Any] | None = None, **fields: Any) -> SkfTrainParams:
@@ -228,29 +219,9 @@ def prepare_source(source: str | None, demo: bool) -> str:
 @task(name="find-registration", retries=2, retry_delay_seconds=2)
 def find_registration(run_id: str, name: str) -> dict[str, Any] | None:
     """The model version already registered from ``run_id`` under ``name`` (with its decision), if any."""
-    from flows.train import mlflow_client
+    from components.tracking import registration_of
 
-    client = mlflow_client()
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if not versions:
-        return None
-    mv = max(versions, key=lambda v: int(v.version))
-    tags = dict(mv.tags)
-    aliases = set(getattr(mv, "aliases", []) or [])
-    decision = None
-    if "skf.promotion.decision" in tags:
-        decision = {
-            "promoted": tags["skf.promotion.decision"] == "promoted",
-            "reason": tags.get("skf.promotion.reason", ""),
-        }
-    return {
-        "name": mv.name,
-        "version": str(mv.version),
-        "model_uri": mv.source,
-        "challenger": "challenger" in aliases,
-        "decision": decision,
-        "status": "skipped",
-    }
+    return registration_of(run_id, name)
 
 
 def _eval_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
@@ -263,20 +234,37 @@ def _eval_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def _register(params: SkfTrainParams, run_id: str, version_ref: str, evaluation: Mapping[str, Any]) -> Any:
+    """Register the run (once per model name) and apply the promotion policy to the new version."""
+    from components.model_registry import default_model_name
+    from flows.register import promote_version, register_model
+
+    name = params.registry.model_name or default_model_name(version_ref)
+    registered = find_registration(run_id, name)
+    if registered is not None:
+        return registered
+    registered = register_model(
+        run_id,
+        name=name,
+        dataset_version=version_ref,
+        protocol=evaluation["protocol"],
+        metrics=_eval_metrics(evaluation),
+        promote=False,
+    )
+    registered["status"] = "registered"
+    if params.registry.promote:
+        policy = params.registry.promotion.policy()
+        decision = promote_version(registered["name"], registered["version"], policy)
+        registered["decision"] = {"promoted": decision.promoted, "reason": decision.reason}
+    return registered
+
+
 # --------------------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------------------
-def summary_markdown(params: SkfTrainParams, stages: Mapping[str, Any], error: str | None = None) -> str:
-    """What one ``skf-train`` run did: per-stage outcome, metrics, promotion decision and where to look."""
-    from components.settings import get_settings
-
-    settings = get_settings()
-    title = "failed" if error else "done"
-    lines = [
-        f"# skf-train: {title}",
-        "",
-        f"Preset `{params.preset or '-'}`; {params.description}".rstrip("; "),
-    ]
+def _stage_lines(stages: Mapping[str, Any]) -> list[str]:
+    """Ingest, priors and training, one line each."""
+    lines: list[str] = []
     ing = stages.get("ingest")
     if ing:
         total = sum(n for roles in ing["counts"].values() for n in roles.values())
@@ -300,6 +288,12 @@ def summary_markdown(params: SkfTrainParams, stages: Mapping[str, Any], error: s
             f"**Training**: {tr['status']}, {tr['steps']} steps, run `{tr['run_id']}`, "
             f"config `{tr['config_hash'][:12]}`, checkpoint `{tr['checkpoint_uri']}`"
         )
+    return lines
+
+
+def _result_lines(stages: Mapping[str, Any]) -> list[str]:
+    """The evaluation table and the registration with its promotion decision."""
+    lines: list[str] = []
     ev = stages.get("evaluate")
     if ev:
         lines += ["", f"**Evaluation** ({ev['status']}, protocol `{ev['protocol']}`):", ""]
@@ -323,7 +317,22 @@ def summary_markdown(params: SkfTrainParams, stages: Mapping[str, Any], error: s
             f"- challenger: `models:/{reg['name']}@challenger`",
             f"- champion: `models:/{reg['name']}@champion`",
         ]
-    lines += ["", f"MLflow UI: `mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}`"]
+    return lines
+
+
+def summary_markdown(params: SkfTrainParams, stages: Mapping[str, Any], error: str | None = None) -> str:
+    """What one ``skf-train`` run did: per-stage outcome, metrics, promotion decision and where to look."""
+    from components.settings import get_settings
+
+    lines = [
+        f"# skf-train: {'failed' if error else 'done'}",
+        "",
+        f"Preset `{params.preset or '-'}`; {params.description}".rstrip("; "),
+        *_stage_lines(stages),
+        *_result_lines(stages),
+        "",
+        f"MLflow UI: `mlflow ui --backend-store-uri {get_settings().mlflow_tracking_uri}`",
+    ]
     if error:
         lines += ["", f"**Failed**: {error}", "", "Rerun with the same parameters to resume from this point."]
     return "\n".join(lines) + "\n"
@@ -333,24 +342,36 @@ def _artifact_key(prefix: str, name: str) -> str:
     return f"{prefix}-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "dataset")
 
 
+def _publish_summary(params: SkfTrainParams, stages: Mapping[str, Any], error: str | None = None) -> str:
+    markdown = summary_markdown(params, stages, error)
+    create_markdown_artifact(
+        markdown=markdown,
+        key=_artifact_key("skf-train", params.dataset.name),
+        description="skf-train summary" + (" (failed)" if error else ""),
+    )
+    return markdown
+
+
 # --------------------------------------------------------------------------------------------------
 # Flows
 # --------------------------------------------------------------------------------------------------
-@flow(name="skf-train")
+# Parameters are validated (and the training planned) by SkfTrainParams itself, once: Prefect's own
+# validation would rebuild a given model from its dump and plan it a second time.
+@flow(name="skf-train", validate_parameters=False)
 def skf_train(params: SkfTrainParams) -> dict[str, Any]:
     """Ingest, precompute priors, train, evaluate and register one model; see the module docstring.
 
     Returns each stage's result (``ingest``, ``priors``, ``train``, ``evaluate``, ``register``) and
     the summary markdown (also published as the ``skf-train-<dataset>`` artifact).
     """
+    if not isinstance(params, SkfTrainParams):  # a deployment's JSON parameters
+        params = SkfTrainParams.model_validate(params)
     from flows.evaluate import evaluate_model
     from flows.ingest import ingest_dataset
     from flows.precompute import precompute_priors_flow
-    from flows.register import promote_version, register_model
     from flows.train import train_model
 
-    logger = get_run_logger()
-    plan = params.plan()
+    training_plan = params.plan()  # made once, when the parameters were validated
     stages: dict[str, Any] = {}
     try:
         source = prepare_source(params.dataset.source, params.dataset.demo)
@@ -358,56 +379,27 @@ def skf_train(params: SkfTrainParams) -> dict[str, Any]:
         version_ref = stages["ingest"]["ref"]
 
         stages["priors"] = None
-        if plan.skb is not None and plan.recipe.skf.skb_mode == "cached":
+        if training_plan.skb is not None and training_plan.recipe.skf.skb_mode == "cached":
             stages["priors"] = precompute_priors_flow(
                 version_ref,
-                plan.skb,
-                checkpoint=plan.skb_checkpoint,
+                training_plan.skb,
+                checkpoint=training_plan.skb_checkpoint,
                 batch_size=params.precompute_batch_size,
                 splits=["train"],
             )
 
-        stages["train"] = train_model(version_ref, **params.train_kwargs())
+        stages["train"] = train_model(version_ref, training_plan, params.training.stop_after_step)
         run_id = stages["train"]["run_id"]
-
+        evaluation = params.evaluation
         stages["evaluate"] = evaluate_model(
-            run_id, version_ref, params.evaluation.protocol, list(params.evaluation.unpaired_refs)
+            run_id, version_ref, evaluation.protocol, list(evaluation.unpaired_refs)
         )
-
-        from components.model_registry import default_model_name
-
-        name = params.registry.model_name or default_model_name(version_ref)
-        registered = find_registration(run_id, name)
-        if registered is None:
-            registered = register_model(
-                run_id,
-                name=name,
-                dataset_version=version_ref,
-                protocol=stages["evaluate"]["protocol"],
-                metrics=_eval_metrics(stages["evaluate"]),
-                promote=False,
-            )
-            registered["status"] = "registered"
-            if params.registry.promote:
-                decision = promote_version(
-                    registered["name"], registered["version"], params.registry.promotion.policy()
-                )
-                registered["decision"] = {"promoted": decision.promoted, "reason": decision.reason}
-        stages["register"] = registered
+        stages["register"] = _register(params, run_id, version_ref, stages["evaluate"])
     except BaseException as exc:
-        create_markdown_artifact(
-            markdown=summary_markdown(params, stages, error=f"{type(exc).__name__}: {exc}"),
-            key=_artifact_key("skf-train", params.dataset.name),
-            description="skf-train summary (failed)",
-        )
+        _publish_summary(params, stages, error=f"{type(exc).__name__}: {exc}")
         raise
-    markdown = summary_markdown(params, stages)
-    create_markdown_artifact(
-        markdown=markdown,
-        key=_artifact_key("skf-train", params.dataset.name),
-        description="skf-train summary",
-    )
-    logger.info("skf-train summary\n%s", markdown)
+    markdown = _publish_summary(params, stages)
+    get_run_logger().info("skf-train summary\n%s", markdown)
     return {**stages, "summary": markdown}
 
 

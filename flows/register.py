@@ -15,31 +15,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components import model_registry as mr
-
-DATASET_KEYS = ("dataset_version", "dataset.version", "data.version_ref")
-PROTOCOL_KEYS = ("eval/protocol", "protocol")
-
-
-def _lookup(run: Any, keys: tuple[str, ...]) -> str | None:
-    for key in keys:
-        for source in (run.data.params, run.data.tags):
-            if source.get(key):
-                return str(source[key])
-    return None
+from components.tracking import DATASET_KEYS, PROTOCOL_KEYS, recorded_evaluation
 
 
 @task(name="read-run")
 def read_run(run_id: str, metric_prefix: str) -> dict[str, Any]:
     """Dataset version, protocol and ``<prefix>*`` metrics recorded on the training run."""
-    from mlflow import MlflowClient
-
-    run = MlflowClient().get_run(run_id)
-    metrics = {k: float(v) for k, v in run.data.metrics.items() if k.startswith(metric_prefix)}
-    return {
-        "dataset_version": _lookup(run, DATASET_KEYS),
-        "protocol": _lookup(run, PROTOCOL_KEYS),
-        "metrics": metrics,
-    }
+    return recorded_evaluation(run_id, metric_prefix)
 
 
 @task(name="log-and-register", retries=2, retry_delay_seconds=5)

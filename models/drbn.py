@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -31,11 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.padding import crop, fit_prior, pad_to_multiple, scaled_size, working_layout
-from models.se import SemanticEmbedding
+from models.se import SEFactory, SemanticEmbedding
 
 __all__ = ["DRBN", "BandOutput", "DRBNBand", "DRBNState", "RDB"]
 
-Priors = Sequence[Tensor]
+SemMaps = Sequence[Tensor]  # the SE inputs (F1, F0, Z), aligned by the network
 
 
 class DenseLayer(nn.Module):
@@ -87,6 +88,8 @@ class DRBNBand(nn.Module):
         g0, growth, n_layers: RDB width, growth rate and dense layers (official 16, 8, 4).
         seg: add the SE blocks ``fuseblk_{1,2,3}`` (only recurrence 4 in DRBN-SKF).
         se_kwargs: passed to :class:`~models.se.SemanticEmbedding` (official: GDFN, tanh GELU).
+        se_factory: ``(sem_channels, channels) -> module`` building each SE block instead (any SE variant
+            whose shapes fit); ``se_kwargs`` is then unused.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class DRBNBand(nn.Module):
         n_layers: int = 4,
         seg: bool = False,
         se_kwargs: dict | None = None,
+        se_factory: SEFactory | None = None,
     ) -> None:
         super().__init__()
         k = 3
@@ -123,11 +127,12 @@ class DRBNBand(nn.Module):
         self.seg = seg
         if seg:
             se = {"heads": 2, "ffn": "gdfn", "ffn_factor": 2.66, "gelu": "tanh", **(se_kwargs or {})}
-            self.fuseblk_1 = SemanticEmbedding(96, 2 * g0, **se)  # F1 (1/8) -> host at 1/4
-            self.fuseblk_2 = SemanticEmbedding(48, g0, **se)  # F0 (1/4) -> host at 1/2
-            self.fuseblk_3 = SemanticEmbedding(59, g0, **se)  # logits Z (1/1) -> host at 1/1
+            build = se_factory or partial(SemanticEmbedding, **se)
+            self.fuseblk_1 = build(96, 2 * g0)  # F1 (1/8) -> host at 1/4
+            self.fuseblk_2 = build(48, g0)  # F0 (1/4) -> host at 1/2
+            self.fuseblk_3 = build(59, g0)  # logits Z (1/1) -> host at 1/1
 
-    def forward(self, inp: Tensor, prev: BandOutput | None = None, sem: Priors | None = None) -> BandOutput:
+    def forward(self, inp: Tensor, prev: BandOutput | None = None, sem: SemMaps | None = None) -> BandOutput:
         """``inp``: concat(previous estimate, low image); ``prev``: previous recurrence (None for the
         first); ``sem``: (F1, F0, Z) already aligned to the host sizes (requires ``seg=True``)."""
         f_first = F.relu(self.SFENet1(inp))
@@ -200,6 +205,7 @@ class DRBN(nn.Module):
         n_layers: int = 4,
         se_kwargs: dict | None = None,
         channels_last: bool | None = None,
+        se_factory: SEFactory | None = None,
     ) -> None:
         super().__init__()
         band = {"in_channels": in_channels, "g0": g0, "growth": growth, "n_layers": n_layers}
@@ -208,7 +214,7 @@ class DRBN(nn.Module):
         self.recur1 = DRBNBand(**band)
         self.recur2 = DRBNBand(**band)
         self.recur3 = DRBNBand(**band)
-        self.recur4 = DRBNBand(**band, seg=seg, se_kwargs=se_kwargs)
+        self.recur4 = DRBNBand(**band, seg=seg, se_kwargs=se_kwargs, se_factory=se_factory)
 
     def forward_1(self, low: Tensor) -> DRBNState:
         """Recurrences 1–3. ``low``: B×3×H×W in [0, 1]; any H, W."""
@@ -221,7 +227,7 @@ class DRBN(nn.Module):
         out = self.recur3(torch.cat((out.res1, x), dim=1), out)
         return DRBNState(x, out, size)
 
-    def forward_2(self, state: DRBNState, sem: Priors | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_2(self, state: DRBNState, sem: SemMaps | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Recurrence 4. ``sem`` = (F1, F0, Z) from the SKB run on ``state.image`` (SKF) or None."""
         sem = self._align(state, sem)
         out = self.recur4(torch.cat((state.band.res1, state.low), dim=1), state.band, sem)
@@ -233,7 +239,7 @@ class DRBN(nn.Module):
         )
 
     def forward(
-        self, low: Tensor, sem: Priors | Callable[[Tensor], Priors] | None = None
+        self, low: Tensor, sem: SemMaps | Callable[[Tensor], SemMaps] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Full pass. ``sem`` is either the priors (F1, F0, Z) or a callable mapping the recurrence-3
         estimate (B×3×H×W) to them — DRBN-SKF segments its own intermediate output."""
@@ -241,7 +247,7 @@ class DRBN(nn.Module):
         priors = sem(state.image) if callable(sem) else sem
         return self.forward_2(state, priors)
 
-    def _align(self, state: DRBNState, sem: Priors | None) -> list[Tensor] | None:
+    def _align(self, state: DRBNState, sem: SemMaps | None) -> list[Tensor] | None:
         if sem is None:
             if self.seg:
                 raise ValueError(
@@ -252,6 +258,11 @@ class DRBN(nn.Module):
         if not self.seg:
             raise ValueError(
                 "DRBN was built with seg=False and has no SE blocks; pass sem=None or build with seg=True"
+            )
+        if hasattr(sem, "logits"):  # the SKB's Priors object: its length is the batch size, not 3 maps
+            raise TypeError(
+                "DRBN takes sem=(F1, F0, Z) tensors, not a Priors object; map it with the family's "
+                "sem_inputs(priors, size) (components.baselines)"
             )
         if len(sem) != 3:
             raise ValueError(f"DRBN expects sem=(F1, F0, Z), got {len(sem)} tensors")

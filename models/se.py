@@ -29,6 +29,7 @@ each way (:func:`gelu_gate`), the attention's batched fp32 matmuls through oneDN
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -38,8 +39,11 @@ from torch.autograd.function import once_differentiable
 
 FFNKind = Literal["gdfn", "dual-gated"]
 GeluKind = Literal["exact", "tanh"]
+#: Builds one SE block for a host: ``(sem_channels, channels) -> module`` taking ``(x, sem)``.
+SEFactory = Callable[[int, int], nn.Module]
 
 __all__ = [
+    "SEFactory",
     "ChannelLayerNorm",
     "DualGatedFeedForward",
     "GatedDConvFeedForward",

@@ -31,13 +31,14 @@ Differences from the official code:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.padding import crop, fit_prior, pad_to_multiple, scaled_size, working_layout
-from models.se import SemanticEmbedding
+from models.se import SEFactory, SemanticEmbedding
 
 __all__ = ["LUMA_WEIGHTS", "PatchTransformer", "ResidualBlockNoBN", "SNRNet", "box_blur", "snr_mask"]
 
@@ -176,6 +177,8 @@ class SNRNet(nn.Module):
         n_layers, heads, d_inner: transformer size (official 6, 8, 2048; tokens are nf·16-d).
         mask_threshold: a 4×4 patch whose mean SNR is ≤ this is not attended to (official 0.5).
         se_kwargs: overrides for the SE blocks (official: heads 2, dual-gated FFN, factor 2.66).
+        se_factory: ``(sem_channels, channels) -> module`` building each SE block instead (any SE variant
+            whose shapes fit); ``se_kwargs`` is then unused.
         channels_last: the memory layout inside (the output is NCHW either way); ``None`` picks by device:
             channels-last on CPU, where the SE blocks then make no layout copies (their per-pixel
             LayerNorms want channels-last), NCHW (the official layout) on CUDA. The plain network
@@ -200,6 +203,7 @@ class SNRNet(nn.Module):
         mask_threshold: float = 0.5,
         se_kwargs: dict | None = None,
         channels_last: bool | None = None,
+        se_factory: SEFactory | None = None,
     ) -> None:
         super().__init__()
         self.seg = seg
@@ -220,9 +224,10 @@ class SNRNet(nn.Module):
         self.conv_last = nn.Conv2d(nf, 3, 3, 1, 1)
         if seg:
             se = {"heads": 2, "ffn": "dual-gated", "ffn_factor": 2.66, **(se_kwargs or {})}
-            self.att_block_1 = SemanticEmbedding(48, nf, **se)  # F0 -> host at 1/1
-            self.att_block_2 = SemanticEmbedding(96, nf, **se)  # F1 -> host at 1/2
-            self.att_block_3 = SemanticEmbedding(192, nf, **se)  # F2 -> host at 1/4
+            build = se_factory or partial(SemanticEmbedding, **se)
+            self.att_block_1 = build(48, nf)  # F0 -> host at 1/1
+            self.att_block_2 = build(96, nf)  # F1 -> host at 1/2
+            self.att_block_3 = build(192, nf)  # F2 -> host at 1/4
 
     @staticmethod
     def _lrelu(x: Tensor) -> Tensor:
@@ -289,6 +294,11 @@ class SNRNet(nn.Module):
         if not self.seg:
             raise ValueError(
                 "SNRNet was built with seg=False and has no SE blocks; pass sem=None or build with seg=True"
+            )
+        if hasattr(sem, "logits"):  # the SKB's Priors object: its length is the batch size, not 3 maps
+            raise TypeError(
+                "SNRNet takes sem=(F0, F1, F2) tensors, not a Priors object; map it with the family's "
+                "sem_inputs(priors, size) (components.baselines)"
             )
         if len(sem) != 3:
             raise ValueError(f"SNRNet expects sem=(F0, F1, F2), got {len(sem)} tensors")

@@ -47,8 +47,8 @@ class WorkCounter:
 def install_work_spies(monkeypatch: pytest.MonkeyPatch) -> WorkCounter:
     """Count SKB forward passes, training iterations and model registrations done in this process."""
     import components.model_registry as mr
+    from components.baselines.snr_net import SNRTask
     from components.skb import SemanticKnowledgeBank
-    from components.training.tasks import SNRTask
 
     counter = WorkCounter()
     forward, step, log_enhancer = SemanticKnowledgeBank.forward, SNRTask.train_step, mr.log_enhancer

@@ -18,7 +18,7 @@ from components.training import (
     Progress,
     Trainer,
     TrainerConfig,
-    load_checkpoint,
+    load_training_state,
 )
 from components.training.sampler import ResumableSampler
 
@@ -69,7 +69,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path, kill_at: int) -> None:
 
     with pytest.raises(_Kill):
         Trainer(ToyTask(), cfg, run_dir=tmp_path / "run", progress=_kill_at(kill_at)).fit(data)
-    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    saved = load_training_state(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert saved["step"] == (kill_at // 3) * 3
 
     resumed_logger, resumed_task = InMemoryLogger(), ToyTask(seed=999)  # different init: must be overwritten
@@ -90,7 +90,7 @@ def test_resume_restores_optimizer_scheduler_and_rng(tmp_path: Path) -> None:
     cfg = _config(iterations=4, ckpt_every=4)
     task = ToyTask()
     Trainer(task, cfg, run_dir=tmp_path).fit(ToyDataset(10))
-    state = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    state = load_training_state(tmp_path / "checkpoints" / "latest.pt")
     adam = state["optimizers"]["net"]["state"]
     assert 0 not in adam and adam[1]["step"].item() == 4  # index 0 is ToyNet.unused: never has a grad
     assert state["schedulers"]["net"]["last_epoch"] == 4
@@ -110,7 +110,7 @@ def test_nan_batch_stops_with_last_good_checkpoint(tmp_path: Path) -> None:
     assert "step 3" in str(err) and "latest.pt" in str(err)
     latest = tmp_path / "run" / "checkpoints" / "latest.pt"
     assert err.last_checkpoint == latest
-    state = load_checkpoint(latest)
+    state = load_training_state(latest)
     assert state["step"] == 2
     assert sorted(p.name for p in latest.parent.glob("step-*.pt")) == ["step-00000002.pt"]
     assert all(torch.isfinite(t).all() for t in state["modules"]["net"].values())
@@ -173,7 +173,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path: Path) -> None:
     bad = tmp_path / "latest.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="weights_only"):
-        load_checkpoint(bad)
+        load_training_state(bad)
 
 
 def test_sampler_skip_reproduces_epoch_tail() -> None:
@@ -218,7 +218,7 @@ def test_ddp_two_process_gloo_gives_identical_params(tmp_path: Path) -> None:
         assert torch.equal(r0["params"][key], r1["params"][key]), key
     assert not torch.equal(r0["params"]["conv1.weight"], ToyTask(seed=100).net.conv1.weight)  # it trained
     assert (r0["logged"], r1["logged"]) == (6, 0)  # only rank 0 logs
-    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    state = load_training_state(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng"]) == 2
     assert not any(k.startswith("module.") for k in state["modules"]["net"])
     assert math.isfinite(float(state["modules"]["net"]["conv1.weight"].sum()))

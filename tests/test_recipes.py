@@ -33,8 +33,8 @@ def test_drbn_recipes_carry_the_official_defaults() -> None:
         assert set(r.losses) == {"ssim-pyramid"}
     assert not plain.skf.enabled and plain.builder_kwargs() == {"skf": False}
     assert skf.skf.se and skf.skf.sch.enabled and skf.skf.sa.enabled
-    assert (skf.skf.sch.weight, skf.skf.sch.normalizer, skf.skf.sch.every) == (1.0, "n59hw3", 1)
-    assert (skf.skf.sa.weight, skf.skf.sa.global_weight, skf.skf.sa.d_lr_ratio) == (0.1, 0.9, 1e-3)
+    assert (skf.skf.sch.weight, skf.skf.sch.normalizer, skf.skf.sch.every) == (1.0, "nchw3", 1)
+    assert (skf.skf.sa.weight, skf.skf.sa.lam, skf.skf.sa.d_lr_ratio) == (0.1, 0.9, 1e-3)
     assert (skf.skf.skb_mode, skf.skf.skb_input) == ("online", "intermediate")
     assert skf.builder_kwargs() == {"skf": True}
 

@@ -35,8 +35,8 @@ from components.serving import (
     tile_spans,
     write_image,
 )
+from components.tracking import EXPERIMENT
 from flows.cli import main
-from flows.train import EXPERIMENT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -400,7 +400,7 @@ def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def evaluated_run(skf_home: Path, weights_dirs: dict[str, Path], tiny_source: Path) -> Iterator[str]:
     """A dataset tiny@1 and an MLflow run holding a small enhancer package (as training leaves it)."""
     from components.data.ingest import ingest
-    from flows.train import mlflow_client
+    from components.tracking import mlflow_client
 
     ingest(str(tiny_source), name="tiny", layout="lol")
     client = mlflow_client()
@@ -423,7 +423,7 @@ def _private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_evaluate_leaves_no_temp_folders(
     evaluated_run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.evaluate import run_evaluation
+    from components.evaluation.job import run_evaluation
 
     tmp = _private_tmp(tmp_path, monkeypatch)
     kwargs: dict[str, Any] = {"metrics": ["psnr"], "device": "cpu", "log": lambda _: None}
@@ -449,8 +449,8 @@ def test_evaluate_force_recomputes_a_cached_unavailable_metric(
     evaluated_run: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from components.evaluation import pyiqa_backend
+    from components.evaluation.job import EVAL_TAG, run_evaluation
     from components.evaluation.metrics import MetricUnavailableError
-    from flows.evaluate import EVAL_TAG, run_evaluation
 
     build = pyiqa_backend.build
 

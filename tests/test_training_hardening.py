@@ -1,7 +1,7 @@
 """Training under adverse conditions: concurrent identical runs, a lost catalog, early failures, bad input.
 
 Every training here is a 16-channel SNR-Net (no SKB, except a stand-in one where priors are missing) for
-4-6 steps on 32x32 crops, run in-process through :func:`flows.train.run_training` or the ``skf`` CLI
+4-6 steps on 32x32 crops, run in-process through :func:`components.training.job.run_training` or the ``skf`` CLI
 boundary (:func:`flows.cli.main`). Each test fails on the code before issue 15's fixes.
 """
 
@@ -39,9 +39,9 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def fast_waits(monkeypatch: pytest.MonkeyPatch) -> None:
-    import flows.train
+    import components.training.job
 
-    monkeypatch.setattr(flows.train, "WAIT_POLL_S", 0.05, raising=False)
+    monkeypatch.setattr(components.training.job, "WAIT_POLL_S", 0.05, raising=False)
 
 
 def _ingest(source: Path) -> str:
@@ -51,9 +51,9 @@ def _ingest(source: Path) -> str:
 
 
 def _plan(**overrides: Any) -> Any:
-    from flows.train import plan_training
+    from components.training.plan import plan
 
-    return plan_training("baseline/snr-net@1", skb="off", overrides={**TINY, **overrides})
+    return plan(baseline="baseline/snr-net@1", skb="off", overrides={**TINY, **overrides}, val_fraction=0.2)
 
 
 def _rows() -> list[Any]:
@@ -154,7 +154,7 @@ def test_concurrent_identical_trainings_train_once_and_share_the_result(
     fast_waits: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from flows.train import run_training
+    from components.training.job import run_training
 
     ref = _ingest(tiny_dataset)
     work = install_work_spies(monkeypatch)
@@ -175,7 +175,7 @@ def test_concurrent_identical_trainings_train_once_and_share_the_result(
 
     def run(name: str, **kwargs: Any) -> None:
         try:
-            results[name] = run_training(ref, _plan(), val_fraction=0.2, **kwargs)
+            results[name] = run_training(ref, _plan(), **kwargs)
         except BaseException as exc:  # reported by the assertions below
             results[name] = exc
 
@@ -221,7 +221,7 @@ def test_catalog_lost_during_training_fails_the_run_and_is_not_recreated(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from components.catalog import CatalogLostError, close_catalogs
-    from flows.train import run_training
+    from components.training.job import run_training
 
     ref = _ingest(tiny_dataset)
     logged: list[str] = []
@@ -231,7 +231,7 @@ def test_catalog_lost_during_training_fails_the_run_and_is_not_recreated(
             _lose_catalog()
 
     with pytest.raises(CatalogLostError, match="results were not recorded|can no longer be read") as lost:
-        run_training(ref, _plan(), val_fraction=0.2, progress=lose_at_step_2, log=logged.append)
+        run_training(ref, _plan(), progress=lose_at_step_2, log=logged.append)
     assert "restore" in str(lost.value)
     run_id = next(m.split("MLflow run ")[1].split(",")[0] for m in logged if m.startswith("training"))
     assert _mlflow().get_run(run_id).info.status == "FAILED"  # not FINISHED into a catalog that is gone
@@ -279,9 +279,9 @@ def test_checkpoint_manager_falls_back_past_damaged_checkpoints(tmp_path: Path) 
 
 
 def _final_weights(digest: str) -> dict[str, Any]:
-    from components.training.checkpoint import load_checkpoint
+    from components.training.checkpoint import load_training_state
 
-    return load_checkpoint(_run_dir(digest) / "checkpoints" / "latest.pt")["modules"]["net"]
+    return load_training_state(_run_dir(digest) / "checkpoints" / "latest.pt")["modules"]["net"]
 
 
 def _history(run_id: str, key: str) -> list[tuple[int, float]]:
@@ -294,12 +294,12 @@ def test_truncated_latest_checkpoint_resumes_from_the_newest_intact_step(
     import torch
 
     from components.catalog import close_catalogs
-    from flows.train import TrainingInterrupted, run_training
+    from components.training.job import TrainingInterrupted, run_training
 
     plan = _plan(**{"train.iterations": 6})
     ref = _ingest(tiny_dataset)
     with pytest.raises(TrainingInterrupted):
-        run_training(ref, plan, val_fraction=0.2, stop_after_step=4, log=lambda _m: None)
+        run_training(ref, plan, stop_after_step=4, log=lambda _m: None)
     (row,) = _rows()
     latest = _run_dir(row.config_hash) / "checkpoints" / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:4096])  # truncated in place: step-4, its link, goes with it
@@ -307,7 +307,7 @@ def test_truncated_latest_checkpoint_resumes_from_the_newest_intact_step(
     with pytest.warns(
         RuntimeWarning, match=r"resuming from .*step-00000002.pt: newer checkpoint\(s\) are damaged"
     ):
-        resumed = run_training(ref, plan, val_fraction=0.2, log=lambda _m: None)
+        resumed = run_training(ref, plan, log=lambda _m: None)
     assert (resumed.status, resumed.steps, resumed.run_id) == ("resumed", 6, row.mlflow_run_id)
     weights = _final_weights(resumed.config_hash)
 
@@ -317,7 +317,7 @@ def test_truncated_latest_checkpoint_resumes_from_the_newest_intact_step(
     home.mkdir()
     monkeypatch.setenv("SKF_HOME", str(home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (home / "mlruns").as_uri())
-    reference = run_training(_ingest(tiny_dataset), plan, val_fraction=0.2, log=lambda _m: None)
+    reference = run_training(_ingest(tiny_dataset), plan, log=lambda _m: None)
     assert (reference.status, reference.config_hash) == ("trained", resumed.config_hash)
     expected = _final_weights(reference.config_hash)
     assert weights.keys() == expected.keys()
@@ -354,21 +354,24 @@ def test_missing_priors_mark_the_run_failed(
     import types
 
     import components.precompute
-    import flows.train
+    import components.training.job
     from components.prior_cache import MissingPriorsError
-    from flows.train import plan_training, run_training
+    from components.training.job import run_training
+    from components.training.plan import plan
 
     skb = types.SimpleNamespace(spec="skb/hrnet-w48-pascal@1", fingerprint="f" * 64, pretrained=False)
-    monkeypatch.setattr(flows.train, "build_skb", lambda plan, device=None: skb)
+    monkeypatch.setattr(components.training.job, "build_skb", lambda plan, device=None: skb)
     monkeypatch.setattr(
         components.precompute,
         "precompute_priors",
         lambda *a, **k: types.SimpleNamespace(failed=2, errors={"ab" * 32: "cannot decode the image"}),
     )
-    plan = plan_training("baseline/snr-net@1", skb="skb/hrnet-w48-pascal@1", overrides=TINY)
-    assert plan.recipe.skf.skb_mode == "cached"
+    training_plan = plan(
+        baseline="baseline/snr-net@1", skb="skb/hrnet-w48-pascal@1", overrides=TINY, val_fraction=0.2
+    )
+    assert training_plan.recipe.skf.skb_mode == "cached"
     with pytest.raises(MissingPriorsError, match="priors missing for 2 training image"):
-        run_training(_ingest(tiny_dataset), plan, val_fraction=0.2, log=lambda _m: None)
+        run_training(_ingest(tiny_dataset), training_plan, log=lambda _m: None)
     _only_run_failed()
 
 
@@ -379,7 +382,7 @@ def test_a_crash_in_the_checkpoint_step_validation_does_not_lose_its_metric(
     skf_home: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from components.training.engine import Trainer
-    from flows.train import run_training
+    from components.training.job import run_training
 
     validate = Trainer._validate
     crashes = [2]  # the first validation of step 2 (a checkpoint step) dies: a kill, an OOM
@@ -393,8 +396,8 @@ def test_a_crash_in_the_checkpoint_step_validation_does_not_lose_its_metric(
     monkeypatch.setattr(Trainer, "_validate", crashing_validate)
     ref = _ingest(tiny_dataset)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_training(ref, _plan(), val_fraction=0.2, log=lambda _m: None)
-    outcome = run_training(ref, _plan(), val_fraction=0.2, log=lambda _m: None)
+        run_training(ref, _plan(), log=lambda _m: None)
+    outcome = run_training(ref, _plan(), log=lambda _m: None)
     assert outcome.steps == 4
     assert [s for s, _ in _history(outcome.run_id, "val/psnr")] == [2, 4]
     assert [s for s, _ in _history(outcome.run_id, "train/loss")] == [1, 2, 3, 4]
@@ -403,21 +406,21 @@ def test_a_crash_in_the_checkpoint_step_validation_does_not_lose_its_metric(
 def test_a_run_resumed_after_its_last_checkpoint_still_reports_its_metrics(
     skf_home: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import flows.train
-    from flows.train import run_training
+    import components.training.job
+    from components.training.job import run_training
 
-    package = flows.train.log_package
+    package = components.training.job.log_package
 
     def crash_once(*args: Any, **kwargs: Any) -> Any:
-        monkeypatch.setattr(flows.train, "log_package", package)
+        monkeypatch.setattr(components.training.job, "log_package", package)
         raise RuntimeError("simulated crash after the final checkpoint")
 
-    monkeypatch.setattr(flows.train, "log_package", crash_once)
+    monkeypatch.setattr(components.training.job, "log_package", crash_once)
     work = install_work_spies(monkeypatch)
     ref = _ingest(tiny_dataset)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_training(ref, _plan(), val_fraction=0.2, log=lambda _m: None)
-    outcome = run_training(ref, _plan(), val_fraction=0.2, log=lambda _m: None)
+        run_training(ref, _plan(), log=lambda _m: None)
+    outcome = run_training(ref, _plan(), log=lambda _m: None)
     assert (outcome.status, outcome.steps, work.train_steps) == ("resumed", 4, 4)  # nothing retrained
     logged = {k: _history(outcome.run_id, k)[-1] for k in ("train/loss", "val/psnr")}
     assert logged["train/loss"] == (4, outcome.metrics["train/loss"])
@@ -481,11 +484,11 @@ def test_missing_or_bad_skb_checkpoints_are_one_line_errors(
 def test_damaged_training_checkpoints_are_a_one_line_error(
     skf_home: Path, tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.train import TrainingInterrupted, run_training
+    from components.training.job import TrainingInterrupted, run_training
 
     ref = _ingest(tiny_dataset)
     with pytest.raises(TrainingInterrupted):
-        run_training(ref, _plan(), val_fraction=0.2, stop_after_step=2, log=lambda _m: None)
+        run_training(ref, _plan(), stop_after_step=2, log=lambda _m: None)
     (row,) = _rows()
     for path in (_run_dir(row.config_hash) / "checkpoints").glob("*.pt"):
         path.write_bytes(b"\x80\x02truncated")

@@ -41,6 +41,7 @@ from components.data.validation import (
     validate_scan,
 )
 from components.errors import SKFError, UserInputError
+from components.progress import ProgressCallback
 from components.settings import get_settings
 from components.storage import open_storage
 
@@ -57,7 +58,6 @@ __all__ = [
     "summary_markdown",
 ]
 
-Progress = Callable[[int, int], None]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _CHUNK = 1 << 20
 _COMMIT_TRIES = 5
@@ -287,7 +287,7 @@ def ingest(
     layout: str = "auto",
     catalog: Any = None,
     storage: Any = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     max_pixels: int | None = None,
     max_bytes: int | None = None,
 ) -> IngestResult:

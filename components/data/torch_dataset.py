@@ -45,7 +45,7 @@ SIZE_ALIGN = 32  # crop sizes are multiples of this (the baselines downsample up
 FLIP_OPS: tuple[str, ...] = ("hflip", "vflip", "transpose")  # order of application after the crop
 
 ExtraTarget = Callable[[str], np.ndarray]
-PriorsLoader = Callable[[str, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
+PriorsForCrop = Callable[[str, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
 Records = str | DatasetVersionRecord | Sequence[ImageRecord]
 
 
@@ -125,7 +125,7 @@ class PairedImageDataset(Dataset):
         augment: bool = True,
         seed: int = 0,
         extra_targets: Mapping[str, ExtraTarget] | None = None,
-        priors_loader: PriorsLoader | None = None,
+        priors_loader: PriorsForCrop | None = None,
         cache: bool = False,
         catalog: Any = None,
     ) -> None:

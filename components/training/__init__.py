@@ -1,6 +1,6 @@
 """Training engine: one loop for every baseline (checkpoint/resume, AMP, DDP, logging)."""
 
-from components.training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from components.training.checkpoint import CheckpointError, CheckpointManager, load_training_state
 from components.training.engine import (
     FitResult,
     NonFiniteLossError,
@@ -25,5 +25,5 @@ __all__ = [
     "Trainer",
     "TrainerConfig",
     "TrainingTask",
-    "load_checkpoint",
+    "load_training_state",
 ]

@@ -128,7 +128,7 @@ class CheckpointManager:
         damaged: list[str] = []
         for path in self._candidates():
             try:
-                state = load_checkpoint(path, map_location=map_location)
+                state = load_training_state(path, map_location=map_location)
             except CheckpointError as exc:
                 damaged.append(f"{path.name} ({str(exc).splitlines()[0]})")
                 continue
@@ -152,7 +152,9 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_training_state(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Load a checkpoint written by :class:`CheckpointManager` with the safe (weights-only) unpickler."""
     path = Path(path)
     if not path.is_file():

@@ -38,7 +38,7 @@ from components.training.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     CheckpointManager,
-    load_checkpoint,
+    load_training_state,
 )
 from components.training.distributed import DistInfo, init_from_env, shutdown
 from components.training.loggers import NullLogger, RunLogger
@@ -547,7 +547,7 @@ class Trainer:
         if resume is True:
             return self.checkpoints.load_latest(map_location=self.device)
         path = Path(resume)
-        return path, load_checkpoint(path, map_location=self.device)
+        return path, load_training_state(path, map_location=self.device)
 
     def _load(self, path: Path, state: dict[str, Any]) -> _Position:
         for kind, live in (

@@ -1,15 +1,10 @@
-"""Per-baseline training tasks (DRBN, SNR-Net, each with or without SKF) and the ``train`` entry point.
+"""The training step machinery shared by every baseline, and the ``train`` entry point.
 
-A task turns a :class:`~components.recipes.Recipe` into what the engine runs: the network (and the SA
-discriminator), Adam optimisers, the per-iteration LR schedule, and one iteration of the official
-recipe (docs/method.md §6) with the clean-implementation choices of §5.3 and §10:
-
-* DRBN-SKF: recurrences 1–3 → SKB on their output r₃ *with gradients to the input* (weights frozen) →
-  recurrence 4 with SE(F1, F0, Z) → SKB on ŷ₁ → D step (SA, persistent D, detached ŷ₁) → G step on
-  −ΣSSIM + SCH + 0.1·adv. With ``skb_mode: cached`` (``skb_input: lq``) no HRNet runs in the step: the
-  crop's cached priors feed SE, SCH and SA (a fast approximation; the released code cannot cache).
-* SNR-SKF: priors of the low-light crop from the prior cache (batch key ``priors``), or the SKB run
-  online on ``lq``/``gt`` per recipe; Charbonnier-sum + 10⁴·SCH on every 50th step.
+A task turns a :class:`~components.recipes.Recipe` into what the engine runs: the network (and any extra
+trained module, such as the SA discriminator), Adam optimisers, the per-iteration LR schedule, and one
+iteration of the recipe. :class:`BaselineTask` holds what all baselines share (losses, optimisers, where
+priors come from); each family's own step lives with its family in :mod:`components.baselines`
+(``family.task``), and :func:`build_task` asks the family for it.
 
 Batches are dicts with ``low``/``high`` images in [0, 1] (what
 :class:`~components.data.torch_dataset.PairedImageDataset` yields) and, in cached mode, ``priors``.
@@ -29,23 +24,23 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import Dataset
 
-from components.baseline_losses import build_baseline_loss, ssim
+from components.baseline_losses import build_baseline_loss
 from components.errors import SKFError
-from components.recipes import OptimizerConfig, Recipe, RecipeError, SchedulerConfig
+from components.recipes import OptimizerConfig, Recipe, SchedulerConfig
 from components.registry import create, resolved_spec
 from components.skb import Priors
-from components.training.engine import FitResult, Progress, StepContext, Trainer, TrainerConfig, select_device
+from components.training.engine import FitResult, Progress, Trainer, TrainerConfig, select_device
 from components.training.loggers import RunLogger
 
 __all__ = [
-    "DRBNTask",
+    "BaselineTask",
     "SKFTaskError",
-    "SNRTask",
     "build_optimizer",
     "build_scheduler",
     "build_task",
     "check_model_overrides",
     "run_params",
+    "sample_grid",
     "train",
     "trainer_config",
 ]
@@ -54,9 +49,6 @@ log = logging.getLogger(__name__)
 
 SCH_SPEC = "loss/sch@1"
 SA_SPEC = "loss/sa@1"
-# SE blocks are built inside the networks; these are the registry names of the variants they use.
-SE_SPECS = {"drbn": "se/restormer-xattn-gdfn@1", "snr-net": "se/restormer-xattn-dual-gated@1"}
-_SCH_NORMALIZERS = {"nhw": "nhw", "n59hw3": "nchw3"}  # recipe name -> loss/sch@1 name
 
 
 class SKFTaskError(SKFError, ValueError):
@@ -105,18 +97,25 @@ def psnr(pred: Tensor, target: Tensor) -> Tensor:
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean()
 
 
-def _grid(rows: Sequence[Tensor], max_images: int = 2) -> Tensor:
+def sample_grid(rows: Sequence[Tensor], max_images: int = 2) -> Tensor:
     """(3, k·H, 3·W) grid: per image, low | enhanced | ground truth side by side."""
     low, pred, high = (t[:max_images].float().clamp(0, 1) for t in rows)
     return torch.cat([torch.cat([a, b, c], dim=-1) for a, b, c in zip(low, pred, high, strict=True)], dim=-2)
 
 
-class _BaseTask:
-    """Recipe-driven optimiser/scheduler/loss plumbing common to all baselines."""
+class BaselineTask:
+    """Recipe-driven optimiser/scheduler/loss plumbing common to all baselines.
 
-    family = ""
+    Subclasses (one per family, next to the family) implement ``train_step``, ``enhance`` (through the
+    family's test-time flow), ``validate`` and ``sample_images``.
+    """
 
-    def __init__(self, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
+    def __init__(self, family: Any, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
+        if recipe.skf.sa.enabled and not family.supports_sa:
+            raise SKFTaskError(
+                f"SA is not defined for {family.spec} (docs/method.md §5); set skf.sa.enabled=false"
+            )
+        self.family = family
         self.net = net
         self.recipe = recipe
         self.skf = recipe.skf
@@ -131,7 +130,7 @@ class _BaseTask:
                 SCH_SPEC,
                 num_classes=self._num_classes(),
                 weight=self.skf.sch.weight,
-                normalizer=_SCH_NORMALIZERS[self.skf.sch.normalizer],
+                normalizer=self.skf.sch.normalizer,
                 every=self.skf.sch.every,
             )
         self._optimizers: dict[str, Optimizer] | None = None
@@ -205,175 +204,8 @@ class _BaseTask:
 
 
 # ---------------------------------------------------------------------------------------------------
-# DRBN
-# ---------------------------------------------------------------------------------------------------
-def _drbn_sem(priors: Priors, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
-    """DRBN's SE inputs (F1, F0, Z) with Z the full-resolution logits (channels-last, the SE's layout)."""
-    return priors.f1, priors.f0, priors.full_logits(size, channels_last=True)
-
-
-class DRBNTask(_BaseTask):
-    """DRBN and DRBN-SKF (docs/method.md §6, §5.3)."""
-
-    family = "drbn"
-
-    def __init__(self, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
-        super().__init__(net, recipe, skb)
-        self.sa = None
-        if self.skf.sa.enabled:
-            self.sa = create(
-                SA_SPEC,
-                num_classes=self._num_classes(),
-                lam=self.skf.sa.global_weight,
-                weight=self.skf.sa.weight,
-                official_compat=self.skf.sa.official_bugs,
-                precision=self.skf.sa.precision,
-            )
-            self._disc = self.sa.discriminator  # the raw D: checkpointed and optimised
-
-    def modules(self) -> dict[str, nn.Module]:
-        mods = {"net": self.net}
-        if self.sa is not None:
-            mods["disc"] = self._disc
-        return mods
-
-    def _param_lrs(self) -> dict[str, tuple[nn.Module, float]]:
-        lrs = super()._param_lrs()
-        if self.sa is not None:  # D lr = G lr × ratio (official 1e-7), decayed on the same schedule
-            lrs["disc"] = (self._disc, self.recipe.optimizer.lr * self.skf.sa.d_lr_ratio)
-        return lrs
-
-    def _sem_source(
-        self, batch: Mapping[str, Any], cached: Priors | None
-    ) -> Callable[[Tensor], Any] | Any | None:
-        if not self.skf.se:
-            return None
-        if self.skf.skb_input == "intermediate":  # segment r₃ with gradients to it (weights frozen)
-            return lambda r3: _drbn_sem(self._run_skb(r3, grad=True), r3.shape[-2:])
-        return _drbn_sem(cached if cached is not None else self.fixed_priors(batch), batch["low"].shape[-2:])
-
-    def train_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
-        low, high = batch["low"], batch["high"]
-        size = high.shape[-2:]
-        # Cached mode runs no HRNet at all: the crop's cached priors feed SE and stand in for HRNet(ŷ₁)
-        # in SCH (labels) and SA (masks, 62-ch input); the released code segments ŷ₁ online instead.
-        cached = self._batch_priors(batch) if self.skf.skb_mode == "cached" and self.skf.enabled else None
-        with ctx.autocast():
-            outputs = ctx.modules["net"](low, sem=self._sem_source(batch, cached))
-        fake = outputs[0].float()
-        metrics: dict[str, Tensor] = {}
-        need_out_priors = self.sch is not None or self.sa is not None
-        out_priors = cached
-        if need_out_priors and cached is None:
-            out_priors = self._run_skb(fake, grad=True)
-
-        if self.sa is not None:
-            assert out_priors is not None
-            if self.sa.discriminator is not ctx.modules["disc"]:  # use the DDP-wrapped D when distributed
-                self.sa.discriminator = ctx.modules["disc"]
-            probs = out_priors.probabilities(size)
-            real_probs = None
-            if not self.sa.official_compat and cached is None:
-                real_probs = self._run_skb(high, grad=False).probabilities(size)
-            d_out = self.sa.discriminator_loss(fake, high, probs, real_probs)
-            # Official-compat D loss is not detached from G, so keep that graph for the G backward.
-            ctx.backward_step(d_out.loss, "disc", name="sa_d", retain_graph=self.sa.official_compat)
-            metrics["d_loss"] = d_out.loss.detach()
-
-        rec = self.reconstruction(outputs, high, step)
-        g_loss = rec
-        metrics["rec"] = rec.detach()
-        if self.sch is not None and self.sch.should_apply(step):
-            assert out_priors is not None
-            sch = self.sch(fake, high, out_priors.labels(size))
-            g_loss = g_loss + sch
-            metrics["sch"] = sch.detach()
-        if self.sa is not None:
-            adv = self.sa.generator_loss(fake, probs)
-            g_loss = g_loss + adv
-            metrics["adv"] = adv.detach()
-        ctx.backward_step(g_loss, "net", name="g_loss")
-        metrics["g_loss"] = g_loss.detach()
-        return metrics
-
-    def enhance(self, low: Tensor) -> Tensor:
-        """Inference as released: one pass, SE priors from the SKB on the recurrence-3 output."""
-        if not self.skf.se:
-            return self.net(low)[0]
-        if self.skf.skb_input == "intermediate":
-            return self.net(low, sem=lambda r3: _drbn_sem(self._run_skb(r3, grad=False), r3.shape[-2:]))[0]
-        return self.net(low, sem=_drbn_sem(self.test_priors({"low": low}), low.shape[-2:]))[0]
-
-    def validate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        pred = self.enhance(batch["low"])
-        return {"psnr": psnr(pred, batch["high"]), "ssim": ssim(pred.float().clamp(0, 1), batch["high"])}
-
-    def sample_images(self, batch: Mapping[str, Any]) -> Tensor:
-        return _grid((batch["low"], self.enhance(batch["low"]), batch["high"]))
-
-
-# ---------------------------------------------------------------------------------------------------
-# SNR-Net
-# ---------------------------------------------------------------------------------------------------
-def _snr_sem(priors: Priors) -> tuple[Tensor, Tensor, Tensor]:
-    return priors.f0, priors.f1, priors.f2
-
-
-class SNRTask(_BaseTask):
-    """SNR-Net and SNR-SKF (docs/method.md §6): Charbonnier-sum + 10⁴·SCH every 50 steps, no SA."""
-
-    family = "snr-net"
-
-    def __init__(self, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
-        super().__init__(net, recipe, skb)
-        if self.skf.sa.enabled:
-            raise SKFTaskError(
-                "SA is only defined for DRBN-SKF (docs/method.md §5); set skf.sa.enabled=false"
-            )
-        if self.skf.skb_input == "intermediate":
-            raise SKFTaskError("SNR-SKF segments a fixed image: set skf.skb_input to 'lq' or 'gt'")
-
-    def train_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
-        low, high = batch["low"], batch["high"]
-        sch_due = self.sch is not None and self.sch.should_apply(step)
-        priors = self.fixed_priors(batch) if (self.skf.se or sch_due) else None
-        with ctx.autocast():
-            pred = ctx.modules["net"](low, sem=_snr_sem(priors) if self.skf.se else None)
-        rec = self.reconstruction(pred, high, step)
-        loss = rec
-        metrics = {"rec": rec.detach()}
-        if sch_due:
-            assert priors is not None and self.sch is not None
-            sch = self.sch(pred.float(), high, priors.labels(high.shape[-2:]))
-            loss = loss + sch
-            metrics["sch"] = sch.detach()
-        ctx.backward_step(loss, "net", name="loss")
-        metrics["loss"] = loss.detach()
-        return metrics
-
-    def enhance(self, low: Tensor, batch: Mapping[str, Any] | None = None) -> Tensor:
-        """Test-time enhancement: priors of the input, then (``two_pass_test``) of the first output."""
-        if not self.skf.se:
-            return self.net(low)
-        first = self.net(low, sem=_snr_sem(self.test_priors(batch or {"low": low})))
-        if not self.skf.two_pass_test or self.skb is None:
-            return first
-        return self.net(low, sem=_snr_sem(self._run_skb(first.clamp(0, 1), grad=False)))
-
-    def validate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        pred = self.enhance(batch["low"], batch)
-        return {"psnr": psnr(pred, batch["high"]), "ssim": ssim(pred.float().clamp(0, 1), batch["high"])}
-
-    def sample_images(self, batch: Mapping[str, Any]) -> Tensor:
-        return _grid((batch["low"], self.enhance(batch["low"], batch), batch["high"]))
-
-
-# ---------------------------------------------------------------------------------------------------
 # Factory and entry point
 # ---------------------------------------------------------------------------------------------------
-_TASKS: dict[str, type[_BaseTask]] = {"baseline/drbn": DRBNTask, "baseline/snr-net": SNRTask}
-
-
 def _needs_skb(recipe: Recipe) -> bool:
     """Online mode runs the SKB in the step (DRBN: on r₃ and ŷ₁); cached mode reads priors only."""
     return recipe.skf.enabled and recipe.skf.skb_mode == "online"
@@ -384,17 +216,21 @@ def build_task(
     recipe: Recipe,
     skb: nn.Module | None = None,
     prior_cache: Any = None,
-) -> _BaseTask:
+) -> BaselineTask:
     """The task for ``baseline_spec`` (default: the recipe's) with the recipe's SKF switches.
 
     ``skb`` is required whenever the SKB runs inside the step (online mode, DRBN's SCH/SA on its own
     output); ``prior_cache`` (a :class:`~components.prior_cache.PriorCache`) feeds cached mode, through
     :meth:`priors_loader` on the dataset.
     """
+    from components.baselines import UnknownFamilyError, families, get_family
+
     spec = resolved_spec(baseline_spec or recipe.baseline)
-    family = spec.split("@", 1)[0]
-    if family not in _TASKS:
-        raise SKFTaskError(f"no training task for {spec}; supported: {', '.join(sorted(_TASKS))}")
+    try:
+        family = get_family(spec)
+    except UnknownFamilyError:
+        known = ", ".join(f.spec for f in families())
+        raise SKFTaskError(f"no training task for {spec}; supported: {known}") from None
     if skb is None and _needs_skb(recipe):
         raise SKFTaskError(
             f"recipe {recipe.name!r} (skb_mode={recipe.skf.skb_mode}, SCH/SA on the network output) runs the "
@@ -408,53 +244,20 @@ def build_task(
         raise SKFTaskError(
             f"cannot build {spec} with model overrides {dict(recipe.model)}: {exc}; fix the model.* values"
         ) from exc
-    task = _TASKS[family](net, recipe, skb)
+    task = family.task(family, net, recipe, skb)
     task.spec = spec  # type: ignore[attr-defined]
     task.prior_cache = prior_cache  # type: ignore[attr-defined]
     return task
 
 
-def _network_class(spec: str) -> type[nn.Module]:
-    from models.drbn import DRBN
-    from models.snr_net import SNRNet
-
-    return {"baseline/drbn": DRBN, "baseline/snr-net": SNRNet}[spec.split("@", 1)[0]]
-
-
-def _check_override(spec: str, key: str, value: Any, default: Any) -> None:
-    """One ``model.<key>`` value against the builder default's type: counts must be positive integers."""
-    if isinstance(default, bool) or default is None:
-        return
-    if isinstance(default, int):
-        lowest = 0 if key.endswith("_blocks") else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-            raise RecipeError(
-                f"model.{key}={value!r} is not valid for {spec}: it must be an integer >= {lowest} "
-                f"(default {default}); e.g. --set model.{key}={default}"
-            )
-    elif isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise RecipeError(
-            f"model.{key}={value!r} is not valid for {spec}: it must be a number (default {default})"
-        )
-
-
 def check_model_overrides(spec: str, model: Mapping[str, Any]) -> None:
-    """Reject unknown or ill-typed ``model.*`` overrides before any work (the builder would fail later,
-    or build a network that only breaks in its first forward pass, e.g. ``model.nf=0``)."""
-    import inspect
+    """Reject unknown or ill-typed ``model.*`` overrides of ``spec`` before any work (the family knows)."""
+    from components.baselines import get_family
 
-    family = resolved_spec(spec).split("@", 1)[0]
-    if family not in _TASKS:
-        return
-    params = dict(inspect.signature(_network_class(family)).parameters)
-    params.pop("seg", None)  # set by skf.se, never by model.*
-    for key, value in model.items():
-        if key not in params:
-            raise RecipeError(f"model.{key}: unknown key for {spec}; known: {', '.join(sorted(params))}")
-        _check_override(spec, key, value, params[key].default)
+    get_family(spec).check_overrides(model)
 
 
-def priors_loader_for(task: _BaseTask) -> Any:
+def priors_loader_for(task: BaselineTask) -> Any:
     """The dataset hook delivering crop-aligned cached priors, or ``None`` when the task needs none."""
     cache = getattr(task, "prior_cache", None)
     if not task.skf.enabled or task.skf.skb_mode != "cached" or cache is None:
@@ -489,7 +292,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def run_params(task: _BaseTask) -> dict[str, Any]:
+def run_params(task: BaselineTask) -> dict[str, Any]:
     """Reproducibility record: resolved component specs, SKB mode/fingerprint and the full recipe."""
     recipe, skf = task.recipe, task.skf
     params: dict[str, Any] = {
@@ -499,7 +302,7 @@ def run_params(task: _BaseTask) -> dict[str, Any]:
         "skf.skb_input": skf.skb_input,
     }
     if skf.se:
-        params["component.se"] = SE_SPECS[task.family]
+        params["component.se"] = resolved_spec(recipe.model.get("se") or task.family.default_se)
     if task.sch is not None:
         params["component.sch"] = resolved_spec(SCH_SPEC)
     if getattr(task, "sa", None) is not None:
@@ -513,7 +316,7 @@ def run_params(task: _BaseTask) -> dict[str, Any]:
     return params
 
 
-def _init_from(task: _BaseTask, uri: str) -> None:
+def _init_from(task: BaselineTask, uri: str) -> None:
     """Non-strict warm start (SNR-SKF from the SNR baseline, docs/method.md §7); reports skipped keys."""
     from components.checkpoints import load_checkpoint
 
@@ -521,7 +324,7 @@ def _init_from(task: _BaseTask, uri: str) -> None:
     result = task.net.load_state_dict(state, strict=False)
     log.info(
         "initialised %s from %s: %d missing key(s) (e.g. new SE blocks), %d unexpected",
-        task.family,
+        task.family.name,
         uri,
         len(result.missing_keys),
         len(result.unexpected_keys),

@@ -37,63 +37,66 @@ def _summary_tables(result: IngestResult) -> list[Table]:
     return tables
 
 
+def ingest_command(
+    source: str = typer.Argument(..., help="Folder, .zip/.tar.gz archive, or s3://bucket/prefix."),
+    name: str = typer.Option(..., "--name", "-n", help="Dataset name, e.g. lol or lol-v2-real."),
+    layout: str = typer.Option(
+        "auto",
+        help=f"Layout: auto, {', '.join(LAYOUTS)}. Files pair by name; append +pair-by-order "
+        "(e.g. lol-v2-real+pair-by-order) to pair them by sorted order instead (recorded in the version).",
+    ),
+    max_pixels: int | None = typer.Option(
+        None, help="Largest image (width x height) accepted [default: SKF_MAX_IMAGE_PIXELS]."
+    ),
+) -> None:
+    """Ingest SOURCE as a new version of dataset NAME (a no-op when the content is unchanged).
+
+    Failures (missing source, unknown layout, unsafe or oversized archive, nothing valid) are
+    SKFErrors: they propagate to the CLI boundary, which prints one ``error:`` line.
+    """
+    from components.data.ingest import ingest
+
+    console = Console()
+    with progress_bar(console) as bar:
+        task_id = bar.add_task("ingesting", total=None, info="")
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task_id, completed=done, total=total)
+
+        result = ingest(source, name=name, layout=layout, progress=progress, max_pixels=max_pixels)
+    for table in _summary_tables(result):
+        console.print(table)
+    if result.changes:
+        console.print(", ".join(f"{k}: {len(v)}" for k, v in result.changes.items()) + " pair keys")
+    if result.conversions:
+        console.print(f"{len(result.conversions)} image(s) are not plain RGB (see the report)")
+    if result.report_uri:
+        console.print(f"quarantine report: {result.report_uri}")
+    console.print(f"[green]{result.ref}[/green] manifest {result.manifest_sha256}")
+
+
+def demo_data_command(
+    out: Path = typer.Argument(..., help="Folder to write the LOL-layout demo dataset into."),
+    seed: int = typer.Option(0, help="Random seed (the output is bit-exact for a given seed)."),
+    pairs: int = typer.Option(6, "--pairs", help="Crops (pairs) per source photo."),
+    height: int = typer.Option(128, help="Crop height (multiple of 32)."),
+    width: int = typer.Option(192, help="Crop width (multiple of 32)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing demo dataset in OUT."),
+) -> None:
+    """Generate synthetic low-light pairs (LOL layout) from photos bundled with scikit-image."""
+    from components.data.demo import generate_demo_dataset
+
+    try:
+        root = generate_demo_dataset(
+            out, seed=seed, size=(height, width), pairs_per_photo=pairs, overwrite=overwrite
+        )
+    except (ValueError, FileExistsError) as exc:  # bad options or an existing dataset: the CLI's one line
+        raise UserInputError(str(exc)) from exc
+    n_train = len(list((root / "our485" / "low").iterdir()))
+    n_test = len(list((root / "eval15" / "low").iterdir()))
+    Console().print(f"wrote {n_train} train and {n_test} test pairs to {root}")
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("ingest")
-    def ingest_command(
-        source: str = typer.Argument(..., help="Folder, .zip/.tar.gz archive, or s3://bucket/prefix."),
-        name: str = typer.Option(..., "--name", "-n", help="Dataset name, e.g. lol or lol-v2-real."),
-        layout: str = typer.Option(
-            "auto",
-            help=f"Layout: auto, {', '.join(LAYOUTS)}. Files pair by name; append +pair-by-order "
-            "(e.g. lol-v2-real+pair-by-order) to pair them by sorted order instead (recorded in the version).",
-        ),
-        max_pixels: int | None = typer.Option(
-            None, help="Largest image (width x height) accepted [default: SKF_MAX_IMAGE_PIXELS]."
-        ),
-    ) -> None:
-        """Ingest SOURCE as a new version of dataset NAME (a no-op when the content is unchanged).
-
-        Failures (missing source, unknown layout, unsafe or oversized archive, nothing valid) are
-        SKFErrors: they propagate to the CLI boundary, which prints one ``error:`` line.
-        """
-        from components.data.ingest import ingest
-
-        console = Console()
-        with progress_bar(console) as bar:
-            task_id = bar.add_task("ingesting", total=None, info="")
-
-            def progress(done: int, total: int) -> None:
-                bar.update(task_id, completed=done, total=total)
-
-            result = ingest(source, name=name, layout=layout, progress=progress, max_pixels=max_pixels)
-        for table in _summary_tables(result):
-            console.print(table)
-        if result.changes:
-            console.print(", ".join(f"{k}: {len(v)}" for k, v in result.changes.items()) + " pair keys")
-        if result.conversions:
-            console.print(f"{len(result.conversions)} image(s) are not plain RGB (see the report)")
-        if result.report_uri:
-            console.print(f"quarantine report: {result.report_uri}")
-        console.print(f"[green]{result.ref}[/green] manifest {result.manifest_sha256}")
-
-    @app.command("demo-data")
-    def demo_data_command(
-        out: Path = typer.Argument(..., help="Folder to write the LOL-layout demo dataset into."),
-        seed: int = typer.Option(0, help="Random seed (the output is bit-exact for a given seed)."),
-        pairs: int = typer.Option(6, "--pairs", help="Crops (pairs) per source photo."),
-        height: int = typer.Option(128, help="Crop height (multiple of 32)."),
-        width: int = typer.Option(192, help="Crop width (multiple of 32)."),
-        overwrite: bool = typer.Option(False, help="Replace an existing demo dataset in OUT."),
-    ) -> None:
-        """Generate synthetic low-light pairs (LOL layout) from photos bundled with scikit-image."""
-        from components.data.demo import generate_demo_dataset
-
-        try:
-            root = generate_demo_dataset(
-                out, seed=seed, size=(height, width), pairs_per_photo=pairs, overwrite=overwrite
-            )
-        except (ValueError, FileExistsError) as exc:  # bad options or an existing dataset: the CLI's one line
-            raise UserInputError(str(exc)) from exc
-        n_train = len(list((root / "our485" / "low").iterdir()))
-        n_test = len(list((root / "eval15" / "low").iterdir()))
-        Console().print(f"wrote {n_train} train and {n_test} test pairs to {root}")
+    app.command("ingest")(ingest_command)
+    app.command("demo-data")(demo_data_command)

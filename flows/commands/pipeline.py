@@ -8,6 +8,7 @@ embedded defaults. ``serve`` serves every deployment of ``prefect.yaml`` from th
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -100,36 +101,48 @@ def served_deployments(path: Path = PREFECT_YAML, names: list[str] | None = None
 # --------------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------------
-def train_command(
-    version_ref: str = typer.Argument(..., help="Dataset version, e.g. lol@2 (or lol for the latest)."),
-    baseline: str = typer.Option("baseline/snr-net@1", help="Baseline spec (see `skf components`)."),
-    recipe: str | None = typer.Option(None, help="Recipe name or YAML path (default: <baseline>-skf)."),
-    skb: str = typer.Option("skb/hrnet-w48-pascal@1", help="SKB spec, or 'off' for the plain baseline."),
-    se: str | None = typer.Option(None, help="SE spec or 'off' (default: as the recipe says)."),
-    sch: str | None = typer.Option(None, help="SCH loss spec or 'off'."),
-    sa: str | None = typer.Option(None, help="SA loss spec or 'off' (DRBN only)."),
-    skb_mode: str | None = typer.Option(None, help="cached or online (default: the recipe's)."),
-    skb_checkpoint: str | None = typer.Option(None, help="HRNet checkpoint path/URI (default: random init)."),
-    override: list[str] = typer.Option([], "--set", help="Recipe override KEY=VALUE (repeatable)."),
-    val_fraction: float = typer.Option(0.1, help="Fraction of train pairs carved out for validation."),
-    device: str | None = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
-) -> None:
-    """Train (or resume, or reuse) a model on VERSION_REF; prints the MLflow run and checkpoint."""
+def _with_request_options(command: Any) -> Any:
+    """Give ``command`` the argument VERSION_REF, one ``--option`` per training request field (type,
+    default and help from :class:`~components.training.plan.TrainingRequest`) and ``--set``."""
+    from components.training.plan import TrainingRequest
+
+    def option(name: str, default: Any, annotation: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    version_ref = typer.Argument(..., help="Dataset version, e.g. lol@2 (or lol for the latest).")
+    params = [
+        inspect.Parameter(
+            "version_ref", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=version_ref, annotation=str
+        ),
+        *(
+            option(name, typer.Option(field.default, help=field.description), field.annotation)
+            for name, field in TrainingRequest.model_fields.items()
+            if name != "overrides"  # --set
+        ),
+        option(
+            "override", typer.Option([], "--set", help="Recipe override KEY=VALUE (repeatable)."), list[str]
+        ),
+    ]
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+@_with_request_options
+def train_command(version_ref: str, override: list[str], **fields: Any) -> None:
+    """Train (or resume, or reuse) a model on VERSION_REF; prints the MLflow run and checkpoint.
+
+    Every option but --set is a field of the training request (components.training.plan.TrainingRequest);
+    --set KEY=VALUE overrides the recipe.
+    """
     # Failures are SKFErrors, left to the CLI boundary (flows.cli.main): one `error:` line on stderr.
-    from flows.train import plan_training, run_training
+    from components.training.job import run_training
+    from components.training.plan import plan
 
     console = Console()
-    plan = plan_training(
-        baseline,
-        recipe,
-        {"se": se, "sch": sch, "sa": sa},
-        skb,
-        skb_mode,
-        parse_overrides(override),
-        skb_checkpoint,
-    )
+    training_plan = plan(fields, overrides=parse_overrides(override))
     with progress_bar(console) as bar:
-        task_id = bar.add_task("training", total=plan.recipe.train.iterations, info="")
+        task_id = bar.add_task("training", total=training_plan.recipe.train.iterations, info="")
 
         def progress(p: Any) -> None:
             shown = {**p.metrics, **(p.val_metrics or {})}
@@ -138,13 +151,15 @@ def train_command(
 
         outcome = run_training(
             version_ref,
-            plan,
-            val_fraction=val_fraction,
-            device=device,
+            training_plan,
             progress=progress,
             log=lambda msg: bar.console.print(msg, soft_wrap=True),
         )
-    table = Table(title=f"{plan.recipe.name} on {outcome.dataset_version}: {outcome.status}")
+    console.print(outcome_table(training_plan.recipe.name, outcome))
+
+
+def outcome_table(recipe: str, outcome: Any) -> Table:
+    table = Table(title=f"{recipe} on {outcome.dataset_version}: {outcome.status}")
     table.add_column("")
     table.add_column("", overflow="fold")
     for key, value in (
@@ -155,7 +170,7 @@ def train_command(
         *((k, f"{v:.4f}") for k, v in sorted(outcome.metrics.items())),
     ):
         table.add_row(key, value)
-    console.print(table)
+    return table
 
 
 def evaluate_command(
@@ -176,7 +191,7 @@ def evaluate_command(
     recomputes it, e.g. once the weights of an unavailable metric are installed.
     """
     from components.errors import SKFError
-    from flows.evaluate import run_evaluation
+    from components.evaluation.job import run_evaluation
 
     console = Console()
     try:
