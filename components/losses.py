@@ -248,7 +248,7 @@ class SemanticAdversarialLoss(nn.Module):
 
     Precision of the D step: its six passes (two scoring, four trained) are more than half of a DRBN-SKF
     step in fp32 on a CPU. ``precision="auto"`` (default) runs them under bf16 autocast where the device
-    does bf16 in hardware (:func:`native_bf16`; 2.2x faster D forward+backward on an AVX512-BF16 CPU),
+    does bf16 in hardware (:func:`native_bf16`; see ``benchmarks/RESULTS.md`` for the measured gain),
     fp32 elsewhere and in official-compat mode; ``"bf16"`` forces it, ``"fp32"`` keeps the ambient
     precision. Parameters, their gradients, BN statistics and every loss stay fp32. :meth:`generator_loss`,
     the pass whose gradient reaches the enhancement network, always runs in the ambient precision (fp32

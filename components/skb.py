@@ -70,7 +70,7 @@ class Priors:
     f2: Tensor
     logits: Tensor
     #: full-resolution logits by (size, layout): a DRBN-SKF step needs them for SE, SCH's labels and SA's
-    #: probabilities, and upsampling 59 channels to full resolution costs ~10 ms each time on a 4x256² batch
+    #: probabilities, and upsampling 59 channels to full resolution is not free, so it is done once
     _full: dict[tuple[tuple[int, int] | None, bool], Tensor] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -90,8 +90,8 @@ class Priors:
         computed once per size and layout for this batch's priors (the maps below derive from them).
 
         ``channels_last=True`` upsamples a channels-last copy of the 1/4 logits: the result is channels-last
-        (what the SE blocks work in, so they need no 16x larger copy; 12 ms saved on a 4x59x256² map), and the
-        upsampling itself runs ~4x faster. It equals the NCHW result to float rounding (~1e-6).
+        (what the SE blocks work in, so they need no 16x larger copy), and the upsampling itself is faster in
+        that layout on CPU. It equals the NCHW result to float rounding (~1e-6).
         """
         key = (None if size is None else (int(size[0]), int(size[1])), channels_last)
         if key not in self._full:
@@ -103,11 +103,13 @@ class Priors:
 
     def probabilities(self, size: tuple[int, int] | None = None) -> Tensor:
         """Class probabilities P (B, C, H, W), float32 (SA masks); ``models.hrnet.class_probabilities``."""
-        return torch.softmax(self.full_logits(size), dim=1)  # NCHW: softmax over dim 1 ran 3x faster than CL
+        return torch.softmax(
+            self.full_logits(size), dim=1
+        )  # NCHW: softmax over dim 1 is faster there than on CL
 
     def labels(self, size: tuple[int, int] | None = None) -> Tensor:
         """Hard argmax label map (B, H, W), int64 (SCH); ``models.hrnet.label_map``, taken on the channels-last
-        logits (an argmax over channels ran ~2.5x faster on them: 9 vs 22 ms on 4x59x256²)."""
+        logits (an argmax over channels is faster on them)."""
         return labels_of(self.full_logits(size, channels_last=True))
 
     def to(self, *args: Any, **kwargs: Any) -> Priors:

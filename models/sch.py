@@ -213,7 +213,7 @@ class _WindowedSoftHistogram(torch.autograd.Function):
         for sl in _tiles(values):
             sums[1:].index_add_(1, key[sl], _powers(v[sl], _DEGREE))
         # Signed window columns, one row per (row, slot): (total_rows * slots, 2w+2), row-major so that
-        # the skinny matmul writes whole rows (2x faster than the transposed product here).
+        # the skinny matmul writes whole rows (faster than the transposed product here).
         sums = sums.view(_DEGREE + 1, -1, fit.cells).transpose(1, 2).reshape(-1, buckets // fit.cells)
         dtype = _contraction_dtype(values)
         acc = (sums.t().to(dtype) @ fit.forward_matrix(dtype, values.device)).to(values.dtype)
@@ -240,7 +240,7 @@ class _WindowedSoftHistogram(torch.autograd.Function):
         g = F.pad(grad[:rows], (lay.bin0 + lay.width, lay.slots - lay.bin0 - bins))
         g_edges = g[:, 1:] - g[:, :-1]  # (rows, slots + width - 1)
         # Per (slot, cell) bucket: the coefficients of dL/dx as a polynomial in v, one conv1d over each
-        # row's edges (the window read is the correlation; 2x faster than unfolding the windows + matmul).
+        # row's edges (the window read is the correlation; faster than unfolding the windows + matmul).
         dtype = _contraction_dtype(x)
         kernel = fit.backward_kernel(bins, dtype, x.device)
         slopes = F.conv1d(g_edges.unsqueeze(1).to(dtype), kernel).to(x.dtype)  # (rows, cells*degree, slots)

@@ -293,11 +293,10 @@ class _Conv1x1(torch.autograd.Function):
     """A bias-free 1×1 conv of a channels-last CPU map, with a faster weight gradient (same sums).
 
     oneDNN's convolution weight-gradient kernel is the slow part of these convs' backward (a reduction over
-    all B·H·W pixels): 12 / 26 / 43 ms for 64->64 / 64->170 / 170->64 on 16×128² pixels on this project's
-    CPU machine, against 9 / 22 / 22 ms for the same products as per-image matmuls through oneDNN's matmul
-    (:func:`_bmm`) summed over the batch. Below 64 channels (DRBN's 16 and 42) the matmuls lose (16->16:
-    1.4 vs 0.6 ms on 4×256²), so those keep the convolution's kernel. Without the matmul op, a narrowing
-    conv takes the adjoint conv's weight gradient (170->64: 26 ms, the wide map on the gradient side).
+    all B·H·W pixels), slower than the same products as per-image matmuls through oneDNN's matmul
+    (:func:`_bmm`) summed over the batch. Below 64 channels (DRBN's 16 and 42) the matmuls lose, so those
+    keep the convolution's kernel. Without the matmul op, a narrowing conv takes the adjoint conv's weight
+    gradient (the wide map on the gradient side). Measurements: ``benchmarks/RESULTS.md``.
     Forward and input gradient are the convolution's own.
     """
 

@@ -4,8 +4,8 @@ Two small libraries, each built and loaded on its own so that one failing leaves
 
 * ``gelu_gate.cpp``: the feed-forward's GELU gate in one pass each way (eager PyTorch makes five passes over
   64-170-channel full-resolution maps: gelu, mul; and backward mul, mul + sum, gelu_backward);
-* ``onednn_bmm.cpp``: the attention's batched fp32 matmuls through oneDNN instead of MKL (2-3x faster on the
-  AMD CPUs of this project's machines, where MKL takes its AVX2 path).
+* ``onednn_bmm.cpp``: the attention's batched fp32 matmuls through oneDNN instead of MKL (faster on AMD CPUs,
+  where MKL takes its AVX2 path; measured in ``benchmarks/RESULTS.md``).
 
 :mod:`models.se` uses an op when it is registered and the eager one otherwise, so ``models/`` stays
 importable (and correct) on a bare torch install; this module does the I/O. It builds with
