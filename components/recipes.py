@@ -147,6 +147,7 @@ class SAConfig(_Strict):
 
 
 class SKFConfig(_Strict):
+    skb: str = Field("skb/hrnet-w48-pascal@1", description="SKB spec the SKF modules take their priors from")
     se: bool = False
     sch: SCHConfig = SCHConfig()
     sa: SAConfig = SAConfig()

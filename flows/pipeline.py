@@ -136,7 +136,7 @@ class SkfTrainParams(_Params):
     preset: str | None = None
     description: str = ""
     dataset: DatasetParams = Field(default_factory=DatasetParams)
-    baseline: str = Field(
+    baseline: str | None = Field(
         TrainingRequest.model_fields["baseline"].default,
         description=TrainingRequest.model_fields["baseline"].description,
     )

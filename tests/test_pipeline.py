@@ -120,11 +120,20 @@ def test_presets_and_prefect_yaml_deployments_validate() -> None:
     assert set(by_name) == {"lol-v1", "lol-v2", "demo", "nightly"}
     pools = {name: d["work_pool"]["name"] for name, d in by_name.items()}
     assert pools == {"lol-v1": "gpu", "lol-v2": "gpu", "demo": "cpu", "nightly": "gpu"}
-    recipes = {}
+    planned = {}
     for name in ("lol-v1", "lol-v2", "demo"):
         params = SkfTrainParams.model_validate(by_name[name]["parameters"]["params"])
-        recipes[name] = params.plan().recipe.name
-    assert recipes == {"lol-v1": "snr-net-skf", "lol-v2": "drbn-skf", "demo": "snr-net-skf"}
+        p = params.plan()
+        planned[name] = (p.recipe.name, p.baseline, p.skb)
+    # One YAML per run: the preset names the recipe, the recipe says the baseline and the SKB.
+    assert planned == {
+        "lol-v1": ("snr-net-skf", "baseline/snr-net@1", "skb/hrnet-w48-pascal@1"),
+        "lol-v2": ("drbn-skf", "baseline/drbn@1", "skb/hrnet-w48-pascal@1"),
+        "demo": ("demo", "baseline/snr-net@1", "skb/hrnet-w48-lite@1"),
+    }
+    for name in ("lol-v1", "lol-v2", "demo"):
+        preset = yaml.safe_load((REPO / "configs" / "pipelines" / f"{name}.yaml").read_text())
+        assert not {"baseline", "components"} & set(preset) and "overrides" not in preset["training"]
     assert by_name["lol-v2"]["parameters"]["params"]["dataset"]["source"].startswith("s3://")
     nightly = by_name["nightly"]["parameters"]
     resolve_params(

@@ -49,9 +49,13 @@ class TrainingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    baseline: str = Field(DEFAULT_BASELINE, description="Baseline spec (see `skf components`).")
+    baseline: str | None = Field(
+        None, description=f"Baseline spec (default: the recipe's, else {DEFAULT_BASELINE}; `skf components`)."
+    )
     recipe: str | None = Field(None, description="Recipe name or YAML path (default: <baseline>-skf).")
-    skb: str = Field(DEFAULT_SKB, description="SKB spec, or 'off' for the plain baseline.")
+    skb: str | None = Field(
+        None, description="SKB spec, or 'off' for the plain baseline (default: the recipe's skf.skb)."
+    )
     se: str | None = Field(None, description="SE spec or 'off' (default: as the recipe says).")
     sch: str | None = Field(None, description="SCH loss spec or 'off' (default: as the recipe says).")
     sa: str | None = Field(
@@ -163,6 +167,13 @@ def plan(request: TrainingRequest | Mapping[str, Any] | None = None, /, **fields
     :class:`~components.errors.UserInputError`.
     """
     req = _request(request, fields)
+    chosen = load_recipe(req.recipe) if req.recipe else None  # the recipe says what is trained
+    req = req.model_copy(
+        update={
+            "baseline": req.baseline or (chosen.baseline if chosen else DEFAULT_BASELINE),
+            "skb": req.skb or (chosen.skf.skb if chosen else DEFAULT_SKB),
+        }
+    )
     baseline_spec = registry.resolved_spec(req.baseline)
     if not baseline_spec.startswith("baseline/"):
         raise UserInputError(f"baseline must be a 'baseline/...' spec, got {req.baseline!r}")
@@ -181,6 +192,8 @@ def plan(request: TrainingRequest | Mapping[str, Any] | None = None, /, **fields
     merged: dict[str, Any] = {**req.overrides, **switch}
     if req.skb_mode is not None:
         merged["skf.skb_mode"] = req.skb_mode
+    if req.skb != OFF:
+        merged["skf.skb"] = registry.resolved_spec(req.skb)  # the recipe records the SKB it trains with
     loaded = load_recipe(name, merged)
     if get_family(registry.resolved_spec(loaded.baseline)).name != family.name:
         raise UserInputError(
