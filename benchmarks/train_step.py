@@ -1,7 +1,7 @@
 """Benchmark: cost of SKF on one real training step (forward, backward, optimiser) on CPU.
 
 For DRBN (batch 4, 256x256 crops) and SNR-Net (batch 16, 128x128), at the recipe batch and crop, the
-step of :class:`~components.baselines.drbn.DRBNTask` / ``SNRTask`` is timed through the engine's
+step of :class:`~components.baselines.drbn.DRBNRoutine` / ``SNRRoutine`` is timed through the engine's
 :class:`~components.training.engine.StepContext` for
 
 * ``a``  plain baseline (recipes ``drbn``, ``snr-net``);
@@ -63,7 +63,7 @@ LABELS = {
 
 
 # ---------------------------------------------------------------------------------------------------
-# Building the real tasks
+# Building the real routines
 # ---------------------------------------------------------------------------------------------------
 def recipe_for(model: str, variant: str) -> Any:
     from components.recipes import load_recipe
@@ -109,29 +109,29 @@ def make_batch(model: str, variant: str, seed: int = 0) -> dict[str, Any]:
 
 
 class Runner:
-    """One variant: the task, its StepContext and a fixed random batch."""
+    """One variant: the routine, its StepContext and a fixed random batch."""
 
     def __init__(self, model: str, variant: str, skb: Any, device: str = "cpu", amp: str = "off") -> None:
         import torch
 
         from components.training.engine import StepContext, move_to_device
-        from components.training.tasks import build_task
+        from components.training.routines import build_routine
 
         torch.manual_seed(0)
         self.model, self.variant = model, variant
         self.device = torch.device(device)
         self.recipe = recipe_for(model, variant)
-        self.task = build_task(None, self.recipe, skb if variant == "c" else None)
-        modules = self.task.modules()
+        self.routine = build_routine(None, self.recipe, skb if variant == "c" else None)
+        modules = self.routine.modules()
         for m in modules.values():
             m.to(self.device).train()  # before the optimisers: they keep the same Parameter objects
-        self.schedulers = self.task.schedulers()
+        self.schedulers = self.routine.schedulers()
         amp_on = amp != "off" and self.device.type == "cuda"
         amp_dtype = torch.float16 if amp == "fp16" else torch.bfloat16
         self.ctx = StepContext(
             device=self.device,
             modules=modules,
-            optimizers=self.task.optimizers(),
+            optimizers=self.routine.optimizers(),
             scaler=torch.amp.GradScaler(self.device.type, enabled=amp_on and amp_dtype == torch.float16),
             amp_enabled=amp_on,
             amp_dtype=amp_dtype,
@@ -143,7 +143,7 @@ class Runner:
     def step(self) -> dict[str, float]:
         self.step_no += 1
         self.ctx.step = self.step_no
-        metrics = self.task.train_step(self.batch, self.step_no, self.ctx)
+        metrics = self.routine.train_step(self.batch, self.step_no, self.ctx)
         self.ctx.scaler.update()  # as the engine's loop does after every iteration (no-op unless fp16 AMP)
         for s in self.schedulers.values():
             s.step()
@@ -160,12 +160,12 @@ def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
     from components.skb import Priors
     from models.padding import working_layout
 
-    task, batch, device = runner.task, runner.batch, runner.device
+    routine, batch, device = runner.routine, runner.batch, runner.device
     priors = Priors(**{k: v.float() for k, v in batch["priors"].items()})
     high = batch["high"]
     n, _, h, w = high.shape
     g = torch.Generator().manual_seed(1)
-    net = task.net
+    net = routine.net
     if runner.model == "drbn":
         blocks = [net.recur4.fuseblk_1, net.recur4.fuseblk_2, net.recur4.fuseblk_3]
         hosts = [(32, 4), (16, 2), (16, 1)]
@@ -197,12 +197,12 @@ def component_probes(runner: Runner) -> dict[str, Callable[[], None]]:
 
     def sch() -> None:
         fake = fake0.clone().requires_grad_(True)
-        task.sch(fake, high, priors.labels((h, w))).backward()
+        routine.sch(fake, high, priors.labels((h, w))).backward()
 
     probes = {"SE": se, "SCH": sch}
-    sa = getattr(task, "sa", None)
+    sa = getattr(routine, "sa", None)
     if sa is not None:
-        opt_d = task.optimizers()["disc"]
+        opt_d = routine.optimizers()["disc"]
 
         def sa_step() -> None:
             fake = fake0.clone().requires_grad_(True)

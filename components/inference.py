@@ -126,7 +126,7 @@ def make_spec(
     two_pass: bool = False,
 ) -> EnhancerSpec:
     """The spec of a live network (built by ``create(baseline, skf=..., **baseline_kwargs)``) and SKB."""
-    skf = bool(getattr(net, "seg", False))
+    skf = bool(getattr(net, "skf", False))
     if skf and skb is None:
         raise EnhancerSpecError(f"{baseline} was built with SE blocks (skf=True) and needs its SKB")
     kwargs = {k: v for k, v in (baseline_kwargs or {}).items() if k != "skf"}
@@ -158,8 +158,8 @@ class Enhancer(nn.Module):
             raise EnhancerSpecError(
                 f"{spec.baseline} builds a {family.network.__name__}, not a {type(net).__name__}"
             )
-        if spec.skf != bool(getattr(net, "seg", False)):
-            raise EnhancerSpecError(f"spec says skf={spec.skf} but the network was built with seg={net.seg}")
+        if spec.skf != bool(getattr(net, "skf", False)):
+            raise EnhancerSpecError(f"spec says skf={spec.skf} but the network was built with skf={net.skf}")
         if spec.skf and skb is None:
             raise EnhancerSpecError("an SKF enhancer needs its SKB")
         if spec.two_pass and not family.supports_two_pass:

@@ -16,7 +16,7 @@ Differences from the official code (behaviour on official-sized inputs is unchan
 * inputs are padded bottom/right to a multiple of 4 and outputs cropped back (the official network fails
   when H or W is not a multiple of 4); semantic priors are aligned with :func:`models.padding.fit_prior`;
 * semantic priors are passed explicitly (``sem=(F1, F0, Z)``), no segmenter lives inside the network;
-* a model built with ``seg=True`` requires priors in ``forward_2`` (the official code silently skips the
+* a model built with ``skf=True`` requires priors in ``forward_2`` (the official code silently skips the
   SE blocks when they are missing).
 """
 
@@ -86,7 +86,7 @@ class DRBNBand(nn.Module):
     Args:
         in_channels: image channels; the input is the concat of the previous estimate and the low image.
         g0, growth, n_layers: RDB width, growth rate and dense layers (official 16, 8, 4).
-        seg: add the SE blocks ``fuseblk_{1,2,3}`` (only recurrence 4 in DRBN-SKF).
+        skf: add the SE blocks ``fuseblk_{1,2,3}`` (only recurrence 4 in DRBN-SKF).
         se_kwargs: passed to :class:`~models.se.SemanticEmbedding` (official: GDFN, tanh GELU).
         se_factory: ``(sem_channels, channels) -> module`` building each SE block instead (any SE variant
             whose shapes fit); ``se_kwargs`` is then unused.
@@ -98,7 +98,7 @@ class DRBNBand(nn.Module):
         g0: int = 16,
         growth: int = 8,
         n_layers: int = 4,
-        seg: bool = False,
+        skf: bool = False,
         se_kwargs: dict | None = None,
         se_factory: SEFactory | None = None,
     ) -> None:
@@ -124,8 +124,8 @@ class DRBNBand(nn.Module):
         self.Down2 = nn.Conv2d(g0, 2 * g0, k, padding=1, stride=2)
         self.Up1 = nn.ConvTranspose2d(g0, g0, k + 1, stride=2, padding=1)
         self.Up2 = nn.ConvTranspose2d(2 * g0, g0, k + 1, stride=2, padding=1)
-        self.seg = seg
-        if seg:
+        self.skf = skf
+        if skf:
             se = {"heads": 2, "ffn": "gdfn", "ffn_factor": 2.66, "gelu": "tanh", **(se_kwargs or {})}
             build = se_factory or partial(SemanticEmbedding, **se)
             self.fuseblk_1 = build(96, 2 * g0)  # F1 (1/8) -> host at 1/4
@@ -134,7 +134,7 @@ class DRBNBand(nn.Module):
 
     def forward(self, inp: Tensor, prev: BandOutput | None = None, sem: SemMaps | None = None) -> BandOutput:
         """``inp``: concat(previous estimate, low image); ``prev``: previous recurrence (None for the
-        first); ``sem``: (F1, F0, Z) already aligned to the host sizes (requires ``seg=True``)."""
+        first); ``sem``: (F1, F0, Z) already aligned to the host sizes (requires ``skf=True``)."""
         f_first = F.relu(self.SFENet1(inp))
         f1 = F.relu(self.SFENet2(f_first))
         f2 = self.Down1(self.RDBs[0](f1))
@@ -180,7 +180,7 @@ class DRBN(nn.Module):
     """DRBN with optional SKF SE blocks in the 4th recurrence.
 
     Args:
-        seg: build ``recur4.fuseblk_{1,2,3}`` (DRBN-SKF); ``False`` is the plain baseline.
+        skf: build ``recur4.fuseblk_{1,2,3}`` (DRBN-SKF); ``False`` is the plain baseline.
         in_channels, g0, growth, n_layers: band-network sizes (official 3, 16, 8, 4).
         se_kwargs: overrides for the SE blocks (official: heads 2, GDFN γ 2.66, tanh GELU).
         channels_last: the memory layout inside (outputs are NCHW either way); ``None`` picks by device:
@@ -198,7 +198,7 @@ class DRBN(nn.Module):
 
     def __init__(
         self,
-        seg: bool = False,
+        skf: bool = False,
         in_channels: int = 3,
         g0: int = 16,
         growth: int = 8,
@@ -209,12 +209,12 @@ class DRBN(nn.Module):
     ) -> None:
         super().__init__()
         band = {"in_channels": in_channels, "g0": g0, "growth": growth, "n_layers": n_layers}
-        self.seg = seg
+        self.skf = skf
         self.channels_last = channels_last
         self.recur1 = DRBNBand(**band)
         self.recur2 = DRBNBand(**band)
         self.recur3 = DRBNBand(**band)
-        self.recur4 = DRBNBand(**band, seg=seg, se_kwargs=se_kwargs, se_factory=se_factory)
+        self.recur4 = DRBNBand(**band, skf=skf, se_kwargs=se_kwargs, se_factory=se_factory)
 
     def forward_1(self, low: Tensor) -> DRBNState:
         """Recurrences 1–3. ``low``: B×3×H×W in [0, 1]; any H, W."""
@@ -249,15 +249,15 @@ class DRBN(nn.Module):
 
     def _align(self, state: DRBNState, sem: SemMaps | None) -> list[Tensor] | None:
         if sem is None:
-            if self.seg:
+            if self.skf:
                 raise ValueError(
-                    "DRBN was built with seg=True (SKF) and needs sem=(F1, F0, Z) in forward_2; "
-                    "build it with seg=False for the plain baseline"
+                    "DRBN was built with skf=True (SKF) and needs sem=(F1, F0, Z) in forward_2; "
+                    "build it with skf=False for the plain baseline"
                 )
             return None
-        if not self.seg:
+        if not self.skf:
             raise ValueError(
-                "DRBN was built with seg=False and has no SE blocks; pass sem=None or build with seg=True"
+                "DRBN was built with skf=False and has no SE blocks; pass sem=None or build with skf=True"
             )
         if hasattr(sem, "logits"):  # the SKB's Priors object: its length is the batch size, not 3 maps
             raise TypeError(

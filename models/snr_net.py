@@ -4,7 +4,7 @@ Encoder: three convs (1/1, 1/2, 1/4) → residual blocks at 1/4. Two branches at
 mask: a local residual-CNN branch (``recon_trunk_light``) where the signal-to-noise ratio is high, and a
 long-range transformer branch (``transformer``: 4×4 patches of the 64-ch map as 1024-d tokens, 6 pre-norm
 layers, attention restricted to high-SNR patches) where it is low. Decoder: ``recon_trunk`` → two
-PixelShuffle ×2 stages with encoder skips → ``conv_last`` + the input. With ``seg=True`` SKF inserts SE
+PixelShuffle ×2 stages with encoder skips → ``conv_last`` + the input. With ``skf=True`` SKF inserts SE
 blocks before each skip concat: ``att_block_3`` (F2, 192 ch) at 1/4, ``att_block_2`` (F1, 96 ch) at 1/2,
 ``att_block_1`` (F0, 48 ch) at 1/1, all with the dual-gated FFN.
 
@@ -25,7 +25,7 @@ Differences from the official code:
 * the unused coordinate grid (``xs``) and the ``.cuda()`` call in the forward pass are dropped;
 * ``mask=None`` computes the SNR mask from the input with :func:`snr_mask` (official: precomputed by the
   data pipeline from a cv2 5×5 box blur with the same reflect-101 border);
-* a model built with ``seg=True`` requires ``sem``; the plain baseline has no ``att_block_*`` at all.
+* a model built with ``skf=True`` requires ``sem``; the plain baseline has no ``att_block_*`` at all.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class SNRNet(nn.Module):
     """SNR-aware network (official ``low_light_transformer_seg`` with ``HR_in=True``).
 
     Args:
-        seg: build the SE blocks ``att_block_{1,2,3}`` (SNR-SKF); ``False`` is the plain baseline.
+        skf: build the SE blocks ``att_block_{1,2,3}`` (SNR-SKF); ``False`` is the plain baseline.
         nf: feature width (official 64; the decoder's 64-ch layers follow ``nf``).
         front_blocks, back_blocks, light_blocks: residual blocks in ``feature_extraction``,
             ``recon_trunk`` and ``recon_trunk_light`` (official 1, 1, 6).
@@ -192,7 +192,7 @@ class SNRNet(nn.Module):
 
     def __init__(
         self,
-        seg: bool = False,
+        skf: bool = False,
         nf: int = 64,
         front_blocks: int = 1,
         back_blocks: int = 1,
@@ -206,7 +206,7 @@ class SNRNet(nn.Module):
         se_factory: SEFactory | None = None,
     ) -> None:
         super().__init__()
-        self.seg = seg
+        self.skf = skf
         self.channels_last = channels_last
         self.mask_threshold = mask_threshold
         self.conv_first_1 = nn.Conv2d(3, nf, 3, 1, 1)
@@ -222,7 +222,7 @@ class SNRNet(nn.Module):
         self.pixel_shuffle = nn.PixelShuffle(2)
         self.HRconv = nn.Conv2d(nf * 2, nf, 3, 1, 1)
         self.conv_last = nn.Conv2d(nf, 3, 3, 1, 1)
-        if seg:
+        if skf:
             se = {"heads": 2, "ffn": "dual-gated", "ffn_factor": 2.66, **(se_kwargs or {})}
             build = se_factory or partial(SemanticEmbedding, **se)
             self.att_block_1 = build(48, nf)  # F0 -> host at 1/1
@@ -235,7 +235,7 @@ class SNRNet(nn.Module):
 
     def forward(self, low: Tensor, mask: Tensor | None = None, sem: Sequence[Tensor] | None = None) -> Tensor:
         """``low``: B×3×H×W in [0, 1], any H, W; ``mask``: B×1×H×W SNR map (default ``snr_mask(low)``);
-        ``sem``: (F0, F1, F2) from the SKB (required iff built with ``seg=True``). Returns B×3×H×W."""
+        ``sem``: (F0, F1, F2) from the SKB (required iff built with ``skf=True``). Returns B×3×H×W."""
         if low.dim() != 4 or low.shape[1] != 3:
             raise ValueError(f"SNRNet expects B×3×H×W RGB, got shape {tuple(low.shape)}")
         size = (low.shape[-2], low.shape[-1])
@@ -285,15 +285,15 @@ class SNRNet(nn.Module):
         self, size: tuple[int, int], padded: Sequence[int], sem: Sequence[Tensor] | None
     ) -> list[Tensor] | None:
         if sem is None:
-            if self.seg:
+            if self.skf:
                 raise ValueError(
-                    "SNRNet was built with seg=True (SKF) and needs sem=(F0, F1, F2); "
-                    "build it with seg=False for the plain baseline"
+                    "SNRNet was built with skf=True (SKF) and needs sem=(F0, F1, F2); "
+                    "build it with skf=False for the plain baseline"
                 )
             return None
-        if not self.seg:
+        if not self.skf:
             raise ValueError(
-                "SNRNet was built with seg=False and has no SE blocks; pass sem=None or build with seg=True"
+                "SNRNet was built with skf=False and has no SE blocks; pass sem=None or build with skf=True"
             )
         if hasattr(sem, "logits"):  # the SKB's Priors object: its length is the batch size, not 3 maps
             raise TypeError(

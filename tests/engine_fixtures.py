@@ -1,4 +1,4 @@
-"""Toy task and dataset for the training-engine tests (importable by spawned DDP workers)."""
+"""Toy routine and dataset for the training-engine tests (importable by spawned DDP workers)."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ class ToyDataset(Dataset):
         return {"lq": x, "gt": toy_target(x)}
 
 
-class ToyTask:
-    """Implements :class:`components.training.TrainingTask` for :class:`ToyNet`."""
+class ToyRoutine:
+    """Implements :class:`components.training.TrainingRoutine` for :class:`ToyNet`."""
 
     def __init__(
         self,
@@ -114,11 +114,11 @@ def ddp_worker(rank: int, world_size: int, port: int, run_dir: str, out_dir: str
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    task = ToyTask(seed=100 + rank)  # different inits: DDP must broadcast rank 0's
+    routine = ToyRoutine(seed=100 + rank)  # different inits: DDP must broadcast rank 0's
     logger = InMemoryLogger()
     config = TrainerConfig(iterations=6, batch_size=2, ckpt_every=3, device="cpu", seed=7)
-    result = Trainer(task, config, run_dir=run_dir, logger=logger).fit(ToyDataset(12))
+    result = Trainer(routine, config, run_dir=run_dir, logger=logger).fit(ToyDataset(12))
     torch.save(
-        {"params": task.net.state_dict(), "logged": len(logger.metrics), "step": result.step},
+        {"params": routine.net.state_dict(), "logged": len(logger.metrics), "step": result.step},
         Path(out_dir) / f"rank{rank}.pt",
     )

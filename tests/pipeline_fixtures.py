@@ -47,11 +47,11 @@ class WorkCounter:
 def install_work_spies(monkeypatch: pytest.MonkeyPatch) -> WorkCounter:
     """Count SKB forward passes, training iterations and model registrations done in this process."""
     import components.model_registry as mr
-    from components.baselines.snr_net import SNRTask
+    from components.baselines.snr_net import SNRRoutine
     from components.skb import SemanticKnowledgeBank
 
     counter = WorkCounter()
-    forward, step, log_enhancer = SemanticKnowledgeBank.forward, SNRTask.train_step, mr.log_enhancer
+    forward, step, log_enhancer = SemanticKnowledgeBank.forward, SNRRoutine.train_step, mr.log_enhancer
 
     def counted_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         counter.skb_forwards += 1
@@ -66,6 +66,6 @@ def install_work_spies(monkeypatch: pytest.MonkeyPatch) -> WorkCounter:
         return log_enhancer(*args, **kwargs)
 
     monkeypatch.setattr(SemanticKnowledgeBank, "forward", counted_forward)
-    monkeypatch.setattr(SNRTask, "train_step", counted_step)
+    monkeypatch.setattr(SNRRoutine, "train_step", counted_step)
     monkeypatch.setattr(mr, "log_enhancer", counted_log)
     return counter

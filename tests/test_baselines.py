@@ -53,7 +53,7 @@ def n_params(module: torch.nn.Module) -> int:
 @pytest.fixture(scope="module")
 def snr_official() -> SNRNet:
     torch.manual_seed(0)
-    return SNRNet(seg=True)
+    return SNRNet(skf=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def snr_official() -> SNRNet:
 def test_drbn_output_shapes_match_strided_targets(skf: bool, size: tuple[int, int]) -> None:
     torch.manual_seed(0)
     h, w = size
-    model = DRBN(seg=skf).eval()
+    model = DRBN(skf=skf).eval()
     y = torch.rand(2, 3, h, w)
     with torch.no_grad():
         out = model(torch.rand(2, 3, h, w), drbn_sem(2, h, w) if skf else None)
@@ -78,10 +78,10 @@ def test_channels_last_inside_gives_the_nchw_results_and_nchw_outputs(network: s
     h, w = 48, 40
     torch.manual_seed(0)
     if network == "drbn":
-        fast, ref = DRBN(seg=True), DRBN(seg=True, channels_last=False)
+        fast, ref = DRBN(skf=True), DRBN(skf=True, channels_last=False)
         sem = drbn_sem(2, h, w)
     else:
-        fast, ref = SNRNet(seg=True, **SNR_SMALL), SNRNet(seg=True, channels_last=False, **SNR_SMALL)
+        fast, ref = SNRNet(skf=True, **SNR_SMALL), SNRNet(skf=True, channels_last=False, **SNR_SMALL)
         sem = snr_sem(2, h, w)
     ref.load_state_dict(fast.state_dict())
     low = torch.rand(2, 3, h, w)
@@ -105,9 +105,9 @@ def test_channels_last_networks_stay_channels_last_through_every_conv_and_se_blo
     h, w = 48, 40
     torch.manual_seed(0)
     if network == "drbn":
-        model, sem = DRBN(seg=True, channels_last=True), drbn_sem(2, h, w)
+        model, sem = DRBN(skf=True, channels_last=True), drbn_sem(2, h, w)
     else:
-        model, sem = SNRNet(seg=True, channels_last=True, **SNR_SMALL), snr_sem(2, h, w)
+        model, sem = SNRNet(skf=True, channels_last=True, **SNR_SMALL), snr_sem(2, h, w)
     nchw: list[str] = []
 
     def record(name: str):
@@ -127,7 +127,7 @@ def test_channels_last_networks_stay_channels_last_through_every_conv_and_se_blo
 
 
 def test_drbn_skf_off_has_no_se_params_and_on_has_exactly_the_spec_counts() -> None:
-    plain, skf = DRBN(seg=False), DRBN(seg=True)
+    plain, skf = DRBN(skf=False), DRBN(skf=True)
     assert not any("fuseblk" in k for k in plain.state_dict())
     for name, count in DRBN_SE.items():
         assert n_params(getattr(skf.recur4, name)) == count
@@ -148,8 +148,8 @@ def test_drbn_state_dict_names_follow_the_official_layout() -> None:
         for j in range(6):
             expected |= {f"{p}RDBs.{j}.convs.{c}.conv.0.{t}" for c in range(4) for t in ("weight", "bias")}
             expected |= {f"{p}RDBs.{j}.LFF.weight", f"{p}RDBs.{j}.LFF.bias"}
-    assert set(DRBN(seg=False).state_dict()) == expected
-    sd = DRBN(seg=True).state_dict()
+    assert set(DRBN(skf=False).state_dict()) == expected
+    sd = DRBN(skf=True).state_dict()
     se_keys = set(sd) - expected
     assert all(k.startswith(("recur4.fuseblk_1.", "recur4.fuseblk_2.", "recur4.fuseblk_3.")) for k in se_keys)
     for key, shape in {
@@ -170,22 +170,22 @@ def test_drbn_state_dict_names_follow_the_official_layout() -> None:
 
 def test_drbn_official_format_checkpoint_loads_strictly(tmp_path) -> None:
     torch.manual_seed(1)
-    source = DRBN(seg=True)
+    source = DRBN(skf=True)
     path = tmp_path / "model_lol.pt"
     torch.save(source.state_dict(), path)
-    target = DRBN(seg=True)
+    target = DRBN(skf=True)
     assert load_official_weights(target, path) == len(source.state_dict())
     x = torch.rand(1, 3, 32, 32)
     sem = drbn_sem(1, 32, 32)
     with torch.no_grad():
         assert torch.equal(source(x, sem)[0], target(x, sem)[0])
     with pytest.raises(StateDictMismatchError, match="fuseblk"):
-        load_official_weights(DRBN(seg=False), path)
+        load_official_weights(DRBN(skf=False), path)
 
 
 def test_drbn_sem_callable_gets_the_recurrence3_image_and_gradients_reach_everything() -> None:
     torch.manual_seed(0)
-    model = DRBN(seg=True)
+    model = DRBN(skf=True)
     seen: list[torch.Tensor] = []
 
     def fake_skb(image: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -210,10 +210,10 @@ def test_drbn_sem_callable_gets_the_recurrence3_image_and_gradients_reach_everyt
 
 def test_drbn_requires_priors_iff_built_with_skf() -> None:
     x = torch.rand(1, 3, 16, 16)
-    with pytest.raises(ValueError, match="seg=True"):
-        DRBN(seg=True)(x)
+    with pytest.raises(ValueError, match="skf=True"):
+        DRBN(skf=True)(x)
     with pytest.raises(ValueError, match="no SE blocks"):
-        DRBN(seg=False)(x, drbn_sem(1, 16, 16))
+        DRBN(skf=False)(x, drbn_sem(1, 16, 16))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_drbn_requires_priors_iff_built_with_skf() -> None:
 def test_snr_output_shape(skf: bool, size: tuple[int, int]) -> None:
     torch.manual_seed(0)
     h, w = size
-    model = SNRNet(seg=skf, **SNR_SMALL).eval()
+    model = SNRNet(skf=skf, **SNR_SMALL).eval()
     with torch.no_grad():
         out = model(torch.rand(2, 3, h, w), sem=snr_sem(2, h, w) if skf else None)
     assert out.shape == (2, 3, h, w) and torch.isfinite(out).all()
@@ -236,9 +236,9 @@ def test_snr_full_size_network_runs_and_has_exactly_the_spec_se_params(snr_offic
     assert out.shape == (1, 3, 48, 40)
     for name, count in SNR_SE.items():
         assert n_params(getattr(snr_official, name)) == count
-    plain = SNRNet(seg=False, **SNR_SMALL)
+    plain = SNRNet(skf=False, **SNR_SMALL)
     assert not any(k.startswith("att_block") for k in plain.state_dict())
-    small_skf = SNRNet(seg=True, **SNR_SMALL)
+    small_skf = SNRNet(skf=True, **SNR_SMALL)
     assert n_params(small_skf) - n_params(plain) == sum(SNR_SE.values())
 
 
@@ -274,21 +274,21 @@ def test_snr_state_dict_names_follow_the_official_layout(snr_official: SNRNet) -
 
 def test_snr_official_format_checkpoint_with_module_prefix_loads_strictly(tmp_path) -> None:
     torch.manual_seed(2)
-    source = SNRNet(seg=True, **SNR_SMALL)
+    source = SNRNet(skf=True, **SNR_SMALL)
     path = tmp_path / "SNR_SKF_LOL.pth"
     torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
-    target = SNRNet(seg=True, **SNR_SMALL)
+    target = SNRNet(skf=True, **SNR_SMALL)
     assert load_official_weights(target, path) == len(source.state_dict())
     x, sem = torch.rand(1, 3, 32, 32), snr_sem(1, 32, 32)
     with torch.no_grad():
         assert torch.equal(source.eval()(x, sem=sem), target.eval()(x, sem=sem))
     with pytest.raises(StateDictMismatchError, match="att_block"):
-        load_official_weights(SNRNet(seg=False, **SNR_SMALL), path)
+        load_official_weights(SNRNet(skf=False, **SNR_SMALL), path)
 
 
 def test_snr_gradients_reach_the_se_params() -> None:
     torch.manual_seed(0)
-    model = SNRNet(seg=True, **SNR_SMALL)
+    model = SNRNet(skf=True, **SNR_SMALL)
     model(torch.rand(2, 3, 32, 32), sem=snr_sem(2, 32, 32)).square().mean().backward()
     for name, p in model.named_parameters():
         if name.startswith("att_block") and p.requires_grad:
@@ -298,7 +298,7 @@ def test_snr_gradients_reach_the_se_params() -> None:
 def test_snr_mask_blends_the_branches_the_right_way() -> None:
     """mask=1 (high SNR) uses only the local CNN branch; mask=0 only the transformer branch."""
     torch.manual_seed(0)
-    model = SNRNet(seg=False, **SNR_SMALL).eval()
+    model = SNRNet(skf=False, **SNR_SMALL).eval()
     x = torch.rand(1, 3, 32, 32)
     ones, zeros = torch.ones(1, 1, 32, 32), torch.zeros(1, 1, 32, 32)
     with torch.no_grad():
@@ -340,7 +340,7 @@ def test_box_blur_matches_cv2_and_snr_mask_properties() -> None:
     flat = torch.full((1, 3, 8, 8), 0.3)  # no noise anywhere: uniformly high SNR
     assert torch.allclose(snr_mask(flat), torch.ones(1, 1, 8, 8), atol=1e-3)
     with pytest.raises(ValueError, match="B×1×H×W"):
-        SNRNet(seg=False, **SNR_SMALL)(low, torch.ones(2, 1, 10, 12))
+        SNRNet(skf=False, **SNR_SMALL)(low, torch.ones(2, 1, 10, 12))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_registry_builds_both_baselines_with_and_without_skf() -> None:
     assert any("fuseblk" in k for k in create("baseline/drbn", skf=True).state_dict())
     assert not any("fuseblk" in k for k in create("baseline/drbn@1", skf=False).state_dict())
     snr = create("baseline/snr-net@1", skf=False, **SNR_SMALL)
-    assert isinstance(snr, SNRNet) and not snr.seg
+    assert isinstance(snr, SNRNet) and not snr.skf
     assert create("baseline/drbn@1", skf=False, g0=8).recur1.SFENet1.out_channels == 8
 
 

@@ -1,8 +1,8 @@
 """The training-step benchmark script (``benchmarks/train_step.py``) on tiny shapes.
 
 The script times minutes of work at the recipe shapes; these tests run its building blocks (the real
-tasks, the interleaved measurement, the component probes, the report) at batch 2 and 64² crops so a
-refactor of the engine or the tasks that breaks the benchmark fails here, not on the next measuring day.
+routines, the interleaved measurement, the component probes, the report) at batch 2 and 64² crops so a
+refactor of the engine or the routines that breaks the benchmark fails here, not on the next measuring day.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_se_probe_hands_each_block_a_gradient_in_the_networks_layout(tiny: Modul
     several times slower, inflating SNR-Net's SE share by ~0.2 s.)"""
     runner = tiny.Runner(model, "b", None)
     probe = tiny.component_probes(runner)["SE"]
-    net = runner.task.net
+    net = runner.routine.net
     blocks = (
         [net.recur4.fuseblk_1, net.recur4.fuseblk_2, net.recur4.fuseblk_3]
         if model == "drbn"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import free_port
-from engine_fixtures import ToyDataset, ToyTask, ddp_worker, toy_target
+from engine_fixtures import ToyDataset, ToyRoutine, ddp_worker, toy_target
 
 from components.training import (
     CheckpointError,
@@ -49,8 +49,8 @@ def _kill_at(step: int):
 
 def test_few_steps_lower_the_loss(tmp_path: Path) -> None:
     logger = InMemoryLogger()
-    task = ToyTask(lr=2e-2, milestones=(30,))
-    result = Trainer(task, _config(iterations=40, batch_size=4), run_dir=tmp_path, logger=logger).fit(
+    routine = ToyRoutine(lr=2e-2, milestones=(30,))
+    result = Trainer(routine, _config(iterations=40, batch_size=4), run_dir=tmp_path, logger=logger).fit(
         ToyDataset(16)
     )
     losses = [v for _, v in logger.history("train/loss")]
@@ -64,15 +64,18 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path, kill_at: int) -> None:
     cfg = _config(ckpt_every=3, keep_last=2)
     data = ToyDataset(10)  # 2 batches of 4 per epoch (drop_last), so the run spans several epochs
 
-    ref_logger, ref_task = InMemoryLogger(), ToyTask()
+    ref_logger, ref_task = InMemoryLogger(), ToyRoutine()
     ref = Trainer(ref_task, cfg, run_dir=tmp_path / "ref", logger=ref_logger).fit(data)
 
     with pytest.raises(_Kill):
-        Trainer(ToyTask(), cfg, run_dir=tmp_path / "run", progress=_kill_at(kill_at)).fit(data)
+        Trainer(ToyRoutine(), cfg, run_dir=tmp_path / "run", progress=_kill_at(kill_at)).fit(data)
     saved = load_training_state(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert saved["step"] == (kill_at // 3) * 3
 
-    resumed_logger, resumed_task = InMemoryLogger(), ToyTask(seed=999)  # different init: must be overwritten
+    resumed_logger, resumed_task = (
+        InMemoryLogger(),
+        ToyRoutine(seed=999),
+    )  # different init: must be overwritten
     res = Trainer(resumed_task, cfg, run_dir=tmp_path / "run", logger=resumed_logger).fit(data)
 
     assert res.step == ref.step == 11 and res.epoch == ref.epoch
@@ -88,8 +91,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path, kill_at: int) -> None:
 
 def test_resume_restores_optimizer_scheduler_and_rng(tmp_path: Path) -> None:
     cfg = _config(iterations=4, ckpt_every=4)
-    task = ToyTask()
-    Trainer(task, cfg, run_dir=tmp_path).fit(ToyDataset(10))
+    routine = ToyRoutine()
+    Trainer(routine, cfg, run_dir=tmp_path).fit(ToyDataset(10))
     state = load_training_state(tmp_path / "checkpoints" / "latest.pt")
     adam = state["optimizers"]["net"]["state"]
     assert 0 not in adam and adam[1]["step"].item() == 4  # index 0 is ToyNet.unused: never has a grad
@@ -102,9 +105,9 @@ def test_resume_restores_optimizer_scheduler_and_rng(tmp_path: Path) -> None:
 def test_nan_batch_stops_with_last_good_checkpoint(tmp_path: Path) -> None:
     # No shuffle, batch 2: sample 4 is in the 3rd batch, checkpoints every 2 steps.
     cfg = _config(iterations=8, batch_size=2, ckpt_every=2, shuffle=False)
-    task = ToyTask()
+    routine = ToyRoutine()
     with pytest.raises(NonFiniteLossError) as info:
-        Trainer(task, cfg, run_dir=tmp_path / "run").fit(ToyDataset(8, nan_index=4))
+        Trainer(routine, cfg, run_dir=tmp_path / "run").fit(ToyDataset(8, nan_index=4))
     err = info.value
     assert err.step == 3 and "loss" in err.name
     assert "step 3" in str(err) and "latest.pt" in str(err)
@@ -116,22 +119,22 @@ def test_nan_batch_stops_with_last_good_checkpoint(tmp_path: Path) -> None:
     assert all(torch.isfinite(t).all() for t in state["modules"]["net"].values())
 
     # The checkpoint equals a clean 2-step run on the same data order.
-    clean = ToyTask()
+    clean = ToyRoutine()
     Trainer(clean, cfg.model_copy(update={"iterations": 2}), run_dir=tmp_path / "clean").fit(ToyDataset(8))
-    fresh = ToyTask(seed=5)
+    fresh = ToyRoutine(seed=5)
     fresh.net.load_state_dict(state["modules"]["net"])
     _assert_same_params(fresh.net, clean.net)
 
 
 def test_nan_gradient_stops_training(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError) as info:
-        Trainer(ToyTask(nan_grad=True), _config(), run_dir=tmp_path).fit(ToyDataset(8))
+        Trainer(ToyRoutine(nan_grad=True), _config(), run_dir=tmp_path).fit(ToyDataset(8))
     assert info.value.step == 1 and "gradient" in info.value.name
     assert info.value.last_checkpoint is None and not (tmp_path / "checkpoints" / "latest.pt").exists()
 
 
 def test_amp_flag_is_a_noop_on_cpu(tmp_path: Path) -> None:
-    plain, amp = ToyTask(), ToyTask()
+    plain, amp = ToyRoutine(), ToyRoutine()
     Trainer(plain, _config(iterations=5), run_dir=tmp_path / "a").fit(ToyDataset(8))
     trainer = Trainer(amp, _config(iterations=5, amp=True), run_dir=tmp_path / "b")
     trainer.fit(ToyDataset(8))
@@ -148,7 +151,11 @@ def test_validation_samples_params_and_artifacts_are_logged(tmp_path: Path) -> N
     ]
     seen: list[Progress] = []
     trainer = Trainer(
-        ToyTask(), _config(iterations=6, val_every=3), run_dir=tmp_path, logger=logger, progress=seen.append
+        ToyRoutine(),
+        _config(iterations=6, val_every=3),
+        run_dir=tmp_path,
+        logger=logger,
+        progress=seen.append,
     )
     result = trainer.fit(ToyDataset(8), val_loader, params={"skb.fingerprint": "abc"})
     assert [s for s, _ in logger.history("val/mse")] == [3, 6]
@@ -166,7 +173,7 @@ def test_validation_samples_params_and_artifacts_are_logged(tmp_path: Path) -> N
 
 def test_too_small_dataset_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lower batch_size"):
-        Trainer(ToyTask(), _config(batch_size=16), run_dir=tmp_path).fit(ToyDataset(8))
+        Trainer(ToyRoutine(), _config(batch_size=16), run_dir=tmp_path).fit(ToyDataset(8))
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path: Path) -> None:
@@ -193,9 +200,9 @@ def test_mlflow_logger_records_params_metrics_and_artifacts(tmp_path: Path, monk
     uri = (tmp_path / "mlruns").as_uri()
     val = ToyDataset(2, seed=1)
     with MlflowLogger(uri, "engine-test", run_name="toy") as logger:
-        Trainer(ToyTask(), _config(iterations=4, val_every=2), run_dir=tmp_path / "run", logger=logger).fit(
-            ToyDataset(8), [{"lq": val.x, "gt": toy_target(val.x)}], params={"baseline": "baseline/toy@1"}
-        )
+        Trainer(
+            ToyRoutine(), _config(iterations=4, val_every=2), run_dir=tmp_path / "run", logger=logger
+        ).fit(ToyDataset(8), [{"lq": val.x, "gt": toy_target(val.x)}], params={"baseline": "baseline/toy@1"})
     client = MlflowClient(uri)
     run = client.get_run(logger.run_id)
     assert run.info.status == "FINISHED"
@@ -216,7 +223,7 @@ def test_ddp_two_process_gloo_gives_identical_params(tmp_path: Path) -> None:
     assert r0["step"] == r1["step"] == 6
     for key in r0["params"]:
         assert torch.equal(r0["params"][key], r1["params"][key]), key
-    assert not torch.equal(r0["params"]["conv1.weight"], ToyTask(seed=100).net.conv1.weight)  # it trained
+    assert not torch.equal(r0["params"]["conv1.weight"], ToyRoutine(seed=100).net.conv1.weight)  # it trained
     assert (r0["logged"], r1["logged"]) == (6, 0)  # only rank 0 logs
     state = load_training_state(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng"]) == 2

@@ -21,7 +21,7 @@ from components.inference import Enhancer, load_enhancer_dir, make_spec, save_en
 from components.recipes import load_recipe
 from components.registry import create
 from components.training import InMemoryLogger
-from components.training.tasks import build_task, train
+from components.training.routines import build_routine, train
 
 SKB = "skb/hrnet-w48-lite@1"  # the SKF feature widths (48/96/192, 59 classes), small and random
 FAMILIES = families()
@@ -72,7 +72,7 @@ def test_every_registered_baseline_has_a_family() -> None:
     assert specs == {f.spec for f in FAMILIES} and len(FAMILIES) >= 2
     for family in FAMILIES:
         assert get_family(family.name) is get_family(family.spec) is family
-        assert family.smoke_model and family.se_slots and family.task is not None
+        assert family.smoke_model and family.se_slots and family.routine is not None
     with pytest.raises(UnknownFamilyError, match="registered: "):
         get_family("baseline/nope@1")
 
@@ -159,14 +159,14 @@ def test_a_swapped_se_variant_is_recorded_and_rebuilt(skb: Any, tmp_path: Path) 
     family = get_family("baseline/snr-net@1")
     swapped = "se/restormer-xattn-gdfn@1"
     recipe = _recipe(family, True, **{"model.se": swapped})
-    task = build_task(None, recipe, skb)
-    assert type(task.net.att_block_1).__name__ == "SemanticEmbedding"
-    assert type(task.net.att_block_1.ffn).__name__ == "GatedDConvFeedForward"  # not SNR's dual-gated FFN
-    spec = make_spec(family.spec, task.net, skb, baseline_kwargs=recipe.model)
+    routine = build_routine(None, recipe, skb)
+    assert type(routine.net.att_block_1).__name__ == "SemanticEmbedding"
+    assert type(routine.net.att_block_1.ffn).__name__ == "GatedDConvFeedForward"  # not SNR's dual-gated FFN
+    spec = make_spec(family.spec, routine.net, skb, baseline_kwargs=recipe.model)
     assert spec.baseline_kwargs["se"] == swapped
-    save_enhancer(Enhancer(task.net, skb, spec), tmp_path)
+    save_enhancer(Enhancer(routine.net, skb, spec), tmp_path)
     rebuilt = load_enhancer_dir(tmp_path)
-    assert rebuilt.net.state_dict().keys() == task.net.state_dict().keys()
+    assert rebuilt.net.state_dict().keys() == routine.net.state_dict().keys()
 
 
 @pytest.mark.parametrize("spec", sorted(e.key for e in registry.entries("skb")))

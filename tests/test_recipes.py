@@ -70,7 +70,7 @@ def test_overrides_accept_nested_and_dotted_keys() -> None:
 
 def test_build_model_goes_through_the_registry() -> None:
     model = load_recipe("drbn", {"model": {"g0": 8}}).build_model()
-    assert model.recur1.SFENet1.out_channels == 8 and not model.seg
+    assert model.recur1.SFENet1.out_channels == 8 and not model.skf
 
 
 @pytest.mark.parametrize(

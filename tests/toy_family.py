@@ -18,36 +18,36 @@ from torch import Tensor, nn
 from components.baseline_losses import ssim
 from components.baselines.family import BaselineFamily, PriorsFor, SESlot, register_family
 from components.training.engine import StepContext
-from components.training.tasks import BaselineTask, psnr, sample_grid
+from components.training.routines import BaselineRoutine, psnr, sample_grid
 from models.se import SEFactory
 
 SPEC = "baseline/toy@1"
 
 
 class ToyNet(nn.Module):
-    """conv → (SE at 1/4 fed by F0, when ``seg``) → conv, as a residual on the input."""
+    """conv → (SE at 1/4 fed by F0, when ``skf``) → conv, as a residual on the input."""
 
-    def __init__(self, seg: bool = False, width: int = 8, se_factory: SEFactory | None = None) -> None:
+    def __init__(self, skf: bool = False, width: int = 8, se_factory: SEFactory | None = None) -> None:
         super().__init__()
-        if seg and se_factory is None:
-            raise ValueError("ToyNet with seg=True needs an se_factory")
-        self.seg = seg
+        if skf and se_factory is None:
+            raise ValueError("ToyNet with skf=True needs an se_factory")
+        self.skf = skf
         self.head = nn.Conv2d(3, width, 3, padding=1)
         self.tail = nn.Conv2d(width, 3, 3, padding=1)
-        if seg:
+        if skf:
             self.se = se_factory(48, width)  # type: ignore[misc]
 
     def forward(self, low: Tensor, sem: tuple[Tensor, ...] | None = None) -> Tensor:
         feat = F.relu(self.head(low))
-        if self.seg:
+        if self.skf:
             if sem is None:
-                raise ValueError("ToyNet was built with seg=True and needs sem=(F0,)")
+                raise ValueError("ToyNet was built with skf=True and needs sem=(F0,)")
             quarter = self.se(F.avg_pool2d(feat, 4, ceil_mode=True), sem[0])
             feat = feat + F.interpolate(quarter, size=feat.shape[-2:], mode="nearest")
         return low + self.tail(feat)
 
 
-class ToyTask(BaselineTask):
+class ToyRoutine(BaselineRoutine):
     """Reconstruction (+ SCH) on the toy network, priors of the low-light input."""
 
     def train_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
@@ -86,7 +86,7 @@ class ToyFamily(BaselineFamily):
     default_se = "se/restormer-xattn-gdfn@1"
     se_slots = (SESlot("se", "F0"),)
     sch_preset = "snr"
-    task = ToyTask
+    routine = ToyRoutine
     smoke_model = {"width": 8}
 
     def enhance(

@@ -17,13 +17,13 @@ from components.recipes import Recipe
 from components.registry import create
 from components.skb import Priors
 from components.training.engine import StepContext
-from components.training.tasks import SA_SPEC, BaselineTask, psnr, sample_grid
+from components.training.routines import SA_SPEC, BaselineRoutine, psnr, sample_grid
 from models.drbn import DRBN
 
-__all__ = ["DRBNFamily", "DRBNTask"]
+__all__ = ["DRBNFamily", "DRBNRoutine"]
 
 
-class DRBNTask(BaselineTask):
+class DRBNRoutine(BaselineRoutine):
     """DRBN and DRBN-SKF training (docs/method.md §6.1, §5.3)."""
 
     def __init__(self, family: BaselineFamily, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
@@ -139,7 +139,7 @@ class DRBNFamily(BaselineFamily):
     )
     supports_sa = True
     sch_preset = "drbn"
-    task = DRBNTask
+    routine = DRBNRoutine
     smoke_model = {"g0": 8, "growth": 4, "n_layers": 2}
 
     def enhance(

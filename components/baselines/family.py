@@ -3,7 +3,7 @@
 A family owns everything that differs between baselines, so that nothing else in the pipeline dispatches on
 the network's type: how the network is built (and with which SE variant), where its SE blocks sit and which
 priors feed them, its test-time flow, its training step, whether the SA loss applies, its SCH preset and its
-released checkpoints' key conventions. :func:`components.training.tasks.build_task`,
+released checkpoints' key conventions. :func:`components.training.routines.build_routine`,
 :class:`components.inference.Enhancer`, planning and the recipes all ask the family.
 
 Adding a baseline is a network in ``models/``, a family module that calls :func:`register_family`, and its
@@ -65,7 +65,7 @@ class BaselineFamily:
     supports_two_pass: ClassVar[bool] = False
     sch_preset: ClassVar[str]  # the loss/sch@1 preset of the released recipe
     checkpoint_prefixes: ClassVar[tuple[str, ...]] = ("module.",)  # stripped from released checkpoints
-    task: ClassVar[type]  # the per-baseline training step (a components.training.tasks.BaselineTask)
+    routine: ClassVar[type]  # the per-baseline training step (a components.training.routines.BaselineRoutine)
     #: ``model.*`` sizes of the smallest sensible network of the family: the registry sweep tests, the
     #: CPU demo and the learning benchmark use it so every family is exercised the same cheap way.
     smoke_model: ClassVar[dict[str, Any]] = {}
@@ -97,12 +97,12 @@ class BaselineFamily:
     ) -> nn.Module:
         """The network; ``skf=True`` adds SE blocks built from ``se`` (any registered variant that fits)."""
         factory = self.se_factory(se, se_kwargs) if skf else None
-        return self.network(seg=skf, se_factory=factory, **overrides)
+        return self.network(skf=skf, se_factory=factory, **overrides)
 
     def override_keys(self) -> dict[str, inspect.Parameter]:
         """The ``model.*`` overrides a recipe may set (the network's size arguments)."""
         params = dict(inspect.signature(self.network).parameters)
-        for internal in ("seg", "se_factory", "se_kwargs", "channels_last"):
+        for internal in ("skf", "se_factory", "se_kwargs", "channels_last"):
             params.pop(internal, None)
         return params
 

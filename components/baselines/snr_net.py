@@ -17,19 +17,19 @@ from components.baselines.family import BaselineFamily, PriorsFor, SESlot, regis
 from components.recipes import Recipe
 from components.skb import Priors
 from components.training.engine import StepContext
-from components.training.tasks import BaselineTask, SKFTaskError, psnr, sample_grid
+from components.training.routines import BaselineRoutine, TrainingSetupError, psnr, sample_grid
 from models.snr_net import SNRNet, snr_mask
 
-__all__ = ["SNRNetFamily", "SNRTask"]
+__all__ = ["SNRNetFamily", "SNRRoutine"]
 
 
-class SNRTask(BaselineTask):
+class SNRRoutine(BaselineRoutine):
     """SNR-Net and SNR-SKF training (docs/method.md §6.2): Charbonnier-sum + 10⁴·SCH every 50 steps."""
 
     def __init__(self, family: BaselineFamily, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
         super().__init__(family, net, recipe, skb)
         if self.skf.skb_input == "intermediate":
-            raise SKFTaskError("SNR-SKF segments a fixed image: set skf.skb_input to 'lq' or 'gt'")
+            raise TrainingSetupError("SNR-SKF segments a fixed image: set skf.skb_input to 'lq' or 'gt'")
 
     def train_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
         low, high = batch["low"], batch["high"]
@@ -80,7 +80,7 @@ class SNRNetFamily(BaselineFamily):
     se_slots = (SESlot("att_block_1", "F0"), SESlot("att_block_2", "F1"), SESlot("att_block_3", "F2"))
     supports_two_pass = True
     sch_preset = "snr"
-    task = SNRTask
+    routine = SNRRoutine
     smoke_model = {"nf": 16, "light_blocks": 1, "n_layers": 1, "heads": 2, "d_inner": 32}
 
     def enhance(

@@ -8,7 +8,7 @@ from components.training.engine import (
     StepContext,
     Trainer,
     TrainerConfig,
-    TrainingTask,
+    TrainingRoutine,
 )
 from components.training.loggers import InMemoryLogger, NullLogger, RunLogger
 
@@ -24,6 +24,6 @@ __all__ = [
     "StepContext",
     "Trainer",
     "TrainerConfig",
-    "TrainingTask",
+    "TrainingRoutine",
     "load_training_state",
 ]

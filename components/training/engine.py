@@ -1,6 +1,6 @@
 """One training loop for every baseline.
 
-A baseline plugs in through :class:`TrainingTask` (its modules, optimisers, schedulers and what one
+A baseline plugs in through :class:`TrainingRoutine` (its modules, optimisers, schedulers and what one
 iteration does); the :class:`Trainer` owns everything around it: device placement, AMP, gradient
 clipping, non-finite detection, checkpoint/resume, seeding, DDP, validation, logging and progress.
 
@@ -122,7 +122,7 @@ class FitResult:
 
 
 @runtime_checkable
-class TrainingTask(Protocol):
+class TrainingRoutine(Protocol):
     """What a baseline provides. The engine calls ``modules()`` first, moves them to the device, then
     ``optimizers()`` and ``schedulers()`` (build those lazily, over the placed parameters)."""
 
@@ -260,18 +260,18 @@ class _Position:
 
 
 class Trainer:
-    """Runs a :class:`TrainingTask` for ``config.iterations`` steps, with checkpoints under ``run_dir``."""
+    """Runs a :class:`TrainingRoutine` for ``config.iterations`` steps, with checkpoints under ``run_dir``."""
 
     def __init__(
         self,
-        task: TrainingTask,
+        routine: TrainingRoutine,
         config: TrainerConfig,
         *,
         run_dir: str | Path,
         logger: RunLogger | None = None,
         progress: Callable[[Progress], None] | None = None,
     ) -> None:
-        self.task = task
+        self.routine = routine
         self.config = config
         self.run_dir = Path(run_dir)
         self.logger: RunLogger = logger or NullLogger()
@@ -320,11 +320,11 @@ class Trainer:
             self.device.type, enabled=amp_enabled and amp_dtype == torch.float16
         )
 
-        self.modules = self.task.modules()
+        self.modules = self.routine.modules()
         for module in self.modules.values():
             module.to(self.device).train()
-        self.optimizers = self.task.optimizers()
-        self.schedulers = self.task.schedulers()
+        self.optimizers = self.routine.optimizers()
+        self.schedulers = self.routine.schedulers()
         wrapped = {name: self._wrap(m) for name, m in self.modules.items()}
 
         self.sampler = ResumableSampler(
@@ -402,7 +402,7 @@ class Trainer:
                 pos.consumed += 1
                 ctx.step, ctx.skipped = pos.step, False
                 try:
-                    raw = self.task.train_step(move_to_device(batch, self.device), pos.step, ctx)
+                    raw = self.routine.train_step(move_to_device(batch, self.device), pos.step, ctx)
                     train_metrics = pos.train_metrics = self._scalars(raw, pos.step)
                 except NonFiniteLossError as err:
                     err.last_checkpoint = self.checkpoints.latest()
@@ -480,10 +480,10 @@ class Trainer:
         with self._eval_mode(), torch.no_grad(), ctx.autocast():
             for batch in val_loader:
                 batch = move_to_device(batch, self.device)
-                for key, value in self.task.validate(batch).items():
+                for key, value in self.routine.validate(batch).items():
                     totals[key] = totals.get(key, 0.0) + float(value)
                 if grid is None:
-                    grid = self.task.sample_images(batch)
+                    grid = self.routine.sample_images(batch)
                 batches += 1
         if batches == 0:
             raise ValueError("validation loader is empty: carve at least one batch from the training set")
@@ -558,7 +558,7 @@ class Trainer:
             saved = state[kind]
             if set(saved) != set(live):
                 raise CheckpointError(
-                    f"checkpoint {path} has {kind} {sorted(saved)} but the task builds {sorted(live)}: "
+                    f"checkpoint {path} has {kind} {sorted(saved)} but the routine builds {sorted(live)}: "
                     "resume with the same baseline/recipe or start a fresh run_dir"
                 )
             try:

@@ -73,7 +73,7 @@ def config_hash(
 
 
 # --------------------------------------------------------------------------------------------------
-# The training job (Prefect-free; the task below wraps it)
+# The training job (Prefect-free; the `train` task in flows/train.py wraps it)
 # --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TrainOutcome:
@@ -327,7 +327,7 @@ def _fit(job: _Job, logger: Any, run_dir: Path, on_progress: Callable[[Any], Non
     from components.prior_cache import PriorCache
     from components.settings import get_settings
     from components.storage import open_storage
-    from components.training.tasks import train
+    from components.training.routines import train
 
     plan, version, skb = job.plan, job.version, job.skb
     cache = None

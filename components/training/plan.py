@@ -22,7 +22,7 @@ from components.baselines import BaselineFamily, families, get_family
 from components.errors import UserInputError
 from components.precompute import DEFAULT_SKB
 from components.recipes import Recipe, load_recipe
-from components.training.tasks import SA_SPEC, SCH_SPEC, check_model_overrides
+from components.training.routines import SA_SPEC, SCH_SPEC, check_model_overrides
 
 __all__ = [
     "DEFAULT_BASELINE",

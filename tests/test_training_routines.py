@@ -1,4 +1,4 @@
-"""Per-baseline training tasks: DRBN(-SKF) and SNR-Net(-SKF) steps, SKB modes, and the train entry point."""
+"""Per-baseline training routines: DRBN(-SKF) and SNR-Net(-SKF) steps, SKB modes, and the train entry point."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from components.losses import native_bf16
 from components.recipes import load_recipe
 from components.skb import Priors
 from components.training import InMemoryLogger, Trainer, TrainerConfig
-from components.training.tasks import SKFTaskError, build_task, lr_factor, train, trainer_config
+from components.training.routines import TrainingSetupError, build_routine, lr_factor, train, trainer_config
 
 SMALL_DRBN = {"model": {"g0": 8, "growth": 4, "n_layers": 2}}
 SMALL_SNR = {
@@ -98,19 +98,19 @@ def _changed(before: nn.Module, after: nn.Module) -> bool:
 def test_drbn_skf_step_trains_g_and_d_through_the_skb(tmp_path: Path) -> None:
     skb = FakeSKB()
     skb_before = copy.deepcopy(skb.state_dict())
-    task = build_task(None, load_recipe("drbn-skf", {**SMALL_DRBN, **RUN}), skb)
-    assert set(task.modules()) == {"net", "disc"}
-    net0, disc0 = copy.deepcopy(task.net), copy.deepcopy(task.modules()["disc"])
+    routine = build_routine(None, load_recipe("drbn-skf", {**SMALL_DRBN, **RUN}), skb)
+    assert set(routine.modules()) == {"net", "disc"}
+    net0, disc0 = copy.deepcopy(routine.net), copy.deepcopy(routine.modules()["disc"])
     logger = InMemoryLogger()
-    Trainer(task, _cfg(), run_dir=tmp_path, logger=logger).fit(Pairs(4))
+    Trainer(routine, _cfg(), run_dir=tmp_path, logger=logger).fit(Pairs(4))
 
     assert {"train/d_loss", "train/rec", "train/sch", "train/adv", "train/g_loss"} <= set(
         logger.metrics[-1][1]
     )
     assert -3.0 <= logger.history("train/rec")[-1][1] < 0  # −ΣSSIM over three scales
-    assert _changed(net0.recur4.fuseblk_1, task.net.recur4.fuseblk_1)  # SE trained
-    assert _changed(net0.recur1, task.net.recur1)
-    assert _changed(disc0, task.modules()["disc"])  # persistent D trained
+    assert _changed(net0.recur4.fuseblk_1, routine.net.recur4.fuseblk_1)  # SE trained
+    assert _changed(net0.recur1, routine.net.recur1)
+    assert _changed(disc0, routine.modules()["disc"])  # persistent D trained
     # Per step: r₃ with grad (input carries the graph), ŷ₁ with grad, GT without.
     assert [(c["grad"], c["requires_grad"]) for c in skb.calls[:3]] == [
         (True, True),
@@ -121,27 +121,27 @@ def test_drbn_skf_step_trains_g_and_d_through_the_skb(tmp_path: Path) -> None:
     for key, value in skb.state_dict().items():  # SKB stays frozen
         assert torch.equal(value, skb_before[key]) and not any(p.grad is not None for p in skb.parameters())
     # D lr = G lr × 1e-3
-    opts = task.optimizers()
+    opts = routine.optimizers()
     assert opts["disc"].param_groups[0]["lr"] == pytest.approx(opts["net"].param_groups[0]["lr"] * 1e-3)
 
 
 def test_drbn_plain_baseline_has_no_skf_parts(tmp_path: Path) -> None:
-    task = build_task("baseline/drbn", load_recipe("drbn", {**SMALL_DRBN, **RUN}), None)
-    assert set(task.modules()) == {"net"} and not hasattr(task.net.recur4, "fuseblk_1")
+    routine = build_routine("baseline/drbn", load_recipe("drbn", {**SMALL_DRBN, **RUN}), None)
+    assert set(routine.modules()) == {"net"} and not hasattr(routine.net.recur4, "fuseblk_1")
     logger = InMemoryLogger()
-    Trainer(task, _cfg(), run_dir=tmp_path, logger=logger).fit(Pairs(4))
+    Trainer(routine, _cfg(), run_dir=tmp_path, logger=logger).fit(Pairs(4))
     assert set(logger.metrics[-1][1]) == {"train/rec", "train/g_loss", "lr/net"}
 
 
 def test_snr_skf_cached_priors_and_sch_every_n_steps(tmp_path: Path) -> None:
     recipe = load_recipe("snr-net-skf", {**SMALL_SNR, **RUN, "skf": {"sch": {"every": 2}}})
-    task = build_task(None, recipe, None)  # cached: no SKB in the step
-    se0 = copy.deepcopy(task.net.att_block_1)
+    routine = build_routine(None, recipe, None)  # cached: no SKB in the step
+    se0 = copy.deepcopy(routine.net.att_block_1)
     logger = InMemoryLogger()
-    Trainer(task, _cfg(iterations=4), run_dir=tmp_path, logger=logger).fit(Pairs(4, skb=FakeSKB()))
+    Trainer(routine, _cfg(iterations=4), run_dir=tmp_path, logger=logger).fit(Pairs(4, skb=FakeSKB()))
     assert [s for s, _ in logger.history("train/sch")] == [2, 4]
     assert [s for s, _ in logger.history("train/rec")] == [1, 2, 3, 4]
-    assert _changed(se0, task.net.att_block_1)
+    assert _changed(se0, routine.net.att_block_1)
 
 
 def test_snr_skf_online_gt_segments_ground_truth_and_tests_in_two_passes(tmp_path: Path) -> None:
@@ -149,39 +149,39 @@ def test_snr_skf_online_gt_segments_ground_truth_and_tests_in_two_passes(tmp_pat
     recipe = load_recipe(
         "snr-net-skf", {**SMALL_SNR, **RUN, "skf": {"skb_mode": "online", "skb_input": "gt"}}
     )
-    task = build_task(None, recipe, skb)
+    routine = build_routine(None, recipe, skb)
     data = Pairs(2)
-    Trainer(task, _cfg(iterations=1), run_dir=tmp_path).fit(data)
+    Trainer(routine, _cfg(iterations=1), run_dir=tmp_path).fit(data)
     assert len(skb.calls) == 1 and not skb.calls[0]["grad"]
     torch.testing.assert_close(skb.calls[0]["input"], (data.low * 3).clamp(0, 1))
 
     skb.calls.clear()
-    task.net.eval()
+    routine.net.eval()
     with torch.no_grad():
-        metrics = task.validate(_val_batches()[0])
+        metrics = routine.validate(_val_batches()[0])
     assert set(metrics) == {"psnr", "ssim"}
     assert len(skb.calls) == 2  # pass 1 on the input, pass 2 on the first output
     torch.testing.assert_close(skb.calls[0]["input"], _val_batches()[0]["low"])
 
 
 def test_snr_plain_baseline_trains_without_priors(tmp_path: Path) -> None:
-    task = build_task(None, load_recipe("snr-net", {**SMALL_SNR, **RUN}), None)
+    routine = build_routine(None, load_recipe("snr-net", {**SMALL_SNR, **RUN}), None)
     logger = InMemoryLogger()
-    Trainer(task, _cfg(), run_dir=tmp_path, logger=logger).fit(Pairs(4))
-    assert "train/sch" not in logger.metrics[-1][1] and not hasattr(task.net, "att_block_1")
+    Trainer(routine, _cfg(), run_dir=tmp_path, logger=logger).fit(Pairs(4))
+    assert "train/sch" not in logger.metrics[-1][1] and not hasattr(routine.net, "att_block_1")
 
 
 def test_cached_mode_without_priors_names_the_fix(tmp_path: Path) -> None:
-    task = build_task(None, load_recipe("snr-net-skf", {**SMALL_SNR, **RUN}), None)
-    with pytest.raises(SKFTaskError, match="priors_loader"):
-        Trainer(task, _cfg(), run_dir=tmp_path).fit(Pairs(4))
+    routine = build_routine(None, load_recipe("snr-net-skf", {**SMALL_SNR, **RUN}), None)
+    with pytest.raises(TrainingSetupError, match="priors_loader"):
+        Trainer(routine, _cfg(), run_dir=tmp_path).fit(Pairs(4))
 
 
 def test_online_skf_without_skb_is_rejected() -> None:
-    with pytest.raises(SKFTaskError, match="skb="):
-        build_task(None, load_recipe("drbn-skf", {**SMALL_DRBN, **RUN}), None)
-    with pytest.raises(SKFTaskError, match="no training task"):
-        build_task("loss/sch@1", load_recipe("drbn", SMALL_DRBN), None)
+    with pytest.raises(TrainingSetupError, match="skb="):
+        build_routine(None, load_recipe("drbn-skf", {**SMALL_DRBN, **RUN}), None)
+    with pytest.raises(TrainingSetupError, match="no training routine"):
+        build_routine("loss/sch@1", load_recipe("drbn", SMALL_DRBN), None)
 
 
 def test_train_entry_point_records_specs_mode_and_fingerprint(tmp_path: Path) -> None:
@@ -223,13 +223,13 @@ def test_recipe_maps_onto_engine_and_schedule() -> None:
 
 def test_drbn_skf_cached_mode_runs_no_skb_and_uses_the_batch_priors(tmp_path: Path) -> None:
     recipe = load_recipe("drbn-skf", {**SMALL_DRBN, **RUN, "skf": {"skb_mode": "cached", "skb_input": "lq"}})
-    task = build_task(None, recipe, None)  # cached: no SKB needed, none may run
-    net0, disc0 = copy.deepcopy(task.net), copy.deepcopy(task.modules()["disc"])
+    routine = build_routine(None, recipe, None)  # cached: no SKB needed, none may run
+    net0, disc0 = copy.deepcopy(routine.net), copy.deepcopy(routine.modules()["disc"])
     logger = InMemoryLogger()
-    Trainer(task, _cfg(), run_dir=tmp_path, logger=logger).fit(Pairs(4, skb=FakeSKB()))
+    Trainer(routine, _cfg(), run_dir=tmp_path, logger=logger).fit(Pairs(4, skb=FakeSKB()))
     assert {"train/d_loss", "train/sch", "train/adv", "train/g_loss"} <= set(logger.metrics[-1][1])
     assert logger.history("train/sch")[-1][1] > 0
-    assert _changed(net0.recur4.fuseblk_3, task.net.recur4.fuseblk_3)
-    assert _changed(disc0, task.modules()["disc"])
-    with pytest.raises(SKFTaskError, match="priors_loader"):
-        Trainer(task, _cfg(), run_dir=tmp_path / "no-priors").fit(Pairs(4))
+    assert _changed(net0.recur4.fuseblk_3, routine.net.recur4.fuseblk_3)
+    assert _changed(disc0, routine.modules()["disc"])
+    with pytest.raises(TrainingSetupError, match="priors_loader"):
+        Trainer(routine, _cfg(), run_dir=tmp_path / "no-priors").fit(Pairs(4))

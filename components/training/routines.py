@@ -1,10 +1,10 @@
 """The training step machinery shared by every baseline, and the ``train`` entry point.
 
-A task turns a :class:`~components.recipes.Recipe` into what the engine runs: the network (and any extra
+A routine turns a :class:`~components.recipes.Recipe` into what the engine runs: the network (and any extra
 trained module, such as the SA discriminator), Adam optimisers, the per-iteration LR schedule, and one
-iteration of the recipe. :class:`BaselineTask` holds what all baselines share (losses, optimisers, where
+iteration of the recipe. :class:`BaselineRoutine` holds what all baselines share (losses, optimisers, where
 priors come from); each family's own step lives with its family in :mod:`components.baselines`
-(``family.task``), and :func:`build_task` asks the family for it.
+(``family.routine``), and :func:`build_routine` asks the family for it.
 
 Batches are dicts with ``low``/``high`` images in [0, 1] (what
 :class:`~components.data.torch_dataset.PairedImageDataset` yields) and, in cached mode, ``priors``.
@@ -33,11 +33,11 @@ from components.training.engine import FitResult, Progress, Trainer, TrainerConf
 from components.training.loggers import RunLogger
 
 __all__ = [
-    "BaselineTask",
-    "SKFTaskError",
+    "BaselineRoutine",
+    "TrainingSetupError",
     "build_optimizer",
     "build_scheduler",
-    "build_task",
+    "build_routine",
     "check_model_overrides",
     "run_params",
     "sample_grid",
@@ -51,7 +51,7 @@ SCH_SPEC = "loss/sch@1"
 SA_SPEC = "loss/sa@1"
 
 
-class SKFTaskError(SKFError, ValueError):
+class TrainingSetupError(SKFError, ValueError):
     """The recipe, SKB and data do not fit together; the message says what to change."""
 
 
@@ -89,7 +89,7 @@ def build_scheduler(optimizer: Optimizer, cfg: SchedulerConfig) -> LRScheduler:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Shared task machinery
+# Shared routine machinery
 # ---------------------------------------------------------------------------------------------------
 def psnr(pred: Tensor, target: Tensor) -> Tensor:
     """Mean per-image PSNR (data range 1) of clamped predictions."""
@@ -103,7 +103,7 @@ def sample_grid(rows: Sequence[Tensor], max_images: int = 2) -> Tensor:
     return torch.cat([torch.cat([a, b, c], dim=-1) for a, b, c in zip(low, pred, high, strict=True)], dim=-2)
 
 
-class BaselineTask:
+class BaselineRoutine:
     """Recipe-driven optimiser/scheduler/loss plumbing common to all baselines.
 
     Subclasses (one per family, next to the family) implement ``train_step``, ``enhance`` (through the
@@ -112,7 +112,7 @@ class BaselineTask:
 
     def __init__(self, family: Any, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
         if recipe.skf.sa.enabled and not family.supports_sa:
-            raise SKFTaskError(
+            raise TrainingSetupError(
                 f"SA is not defined for {family.spec} (docs/method.md §5); set skf.sa.enabled=false"
             )
         self.family = family
@@ -139,7 +139,7 @@ class BaselineTask:
     def _num_classes(self) -> int:
         return int(getattr(self.skb, "num_classes", 59))
 
-    # TrainingTask -------------------------------------------------------------------------------
+    # TrainingRoutine -------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         return {"net": self.net}
 
@@ -173,7 +173,7 @@ class BaselineTask:
 
     def _run_skb(self, image: Tensor, *, grad: bool) -> Priors:
         if self.skb is None:
-            raise SKFTaskError(
+            raise TrainingSetupError(
                 f"recipe {self.recipe.name!r} runs the SKB online but no SKB was given: pass "
                 "skb=create('skb/hrnet-w48-pascal@1', checkpoint=...)"
             )
@@ -182,7 +182,7 @@ class BaselineTask:
     def _batch_priors(self, batch: Mapping[str, Any]) -> Priors:
         maps = batch.get("priors")
         if maps is None:
-            raise SKFTaskError(
+            raise TrainingSetupError(
                 f"recipe {self.recipe.name!r} uses cached priors (skf.skb_mode=cached) but the batch has no "
                 "'priors': build the dataset with priors_loader=PriorsLoader.from_cache(cache) after "
                 "`skf precompute`, or set skf.skb_mode=online"
@@ -211,13 +211,13 @@ def _needs_skb(recipe: Recipe) -> bool:
     return recipe.skf.enabled and recipe.skf.skb_mode == "online"
 
 
-def build_task(
+def build_routine(
     baseline_spec: str | None,
     recipe: Recipe,
     skb: nn.Module | None = None,
     prior_cache: Any = None,
-) -> BaselineTask:
-    """The task for ``baseline_spec`` (default: the recipe's) with the recipe's SKF switches.
+) -> BaselineRoutine:
+    """The routine for ``baseline_spec`` (default: the recipe's) with the recipe's SKF switches.
 
     ``skb`` is required whenever the SKB runs inside the step (online mode, DRBN's SCH/SA on its own
     output); ``prior_cache`` (a :class:`~components.prior_cache.PriorCache`) feeds cached mode, through
@@ -230,9 +230,9 @@ def build_task(
         family = get_family(spec)
     except UnknownFamilyError:
         known = ", ".join(f.spec for f in families())
-        raise SKFTaskError(f"no training task for {spec}; supported: {known}") from None
+        raise TrainingSetupError(f"no training routine for {spec}; supported: {known}") from None
     if skb is None and _needs_skb(recipe):
-        raise SKFTaskError(
+        raise TrainingSetupError(
             f"recipe {recipe.name!r} (skb_mode={recipe.skf.skb_mode}, SCH/SA on the network output) runs the "
             "SKB during training: pass skb=create('skb/hrnet-w48-pascal@1', checkpoint=...)"
         )
@@ -241,13 +241,13 @@ def build_task(
     try:
         net = create(spec, **recipe.builder_kwargs())
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise SKFTaskError(
+        raise TrainingSetupError(
             f"cannot build {spec} with model overrides {dict(recipe.model)}: {exc}; fix the model.* values"
         ) from exc
-    task = family.task(family, net, recipe, skb)
-    task.spec = spec  # type: ignore[attr-defined]
-    task.prior_cache = prior_cache  # type: ignore[attr-defined]
-    return task
+    routine = family.routine(family, net, recipe, skb)
+    routine.spec = spec  # type: ignore[attr-defined]
+    routine.prior_cache = prior_cache  # type: ignore[attr-defined]
+    return routine
 
 
 def check_model_overrides(spec: str, model: Mapping[str, Any]) -> None:
@@ -257,10 +257,10 @@ def check_model_overrides(spec: str, model: Mapping[str, Any]) -> None:
     get_family(spec).check_overrides(model)
 
 
-def priors_loader_for(task: BaselineTask) -> Any:
-    """The dataset hook delivering crop-aligned cached priors, or ``None`` when the task needs none."""
-    cache = getattr(task, "prior_cache", None)
-    if not task.skf.enabled or task.skf.skb_mode != "cached" or cache is None:
+def priors_loader_for(routine: BaselineRoutine) -> Any:
+    """The dataset hook delivering crop-aligned cached priors, or ``None`` when the routine needs none."""
+    cache = getattr(routine, "prior_cache", None)
+    if not routine.skf.enabled or routine.skf.skb_mode != "cached" or cache is None:
         return None
     from components.prior_cache import PriorsLoader
 
@@ -292,39 +292,39 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def run_params(task: BaselineTask) -> dict[str, Any]:
+def run_params(routine: BaselineRoutine) -> dict[str, Any]:
     """Reproducibility record: resolved component specs, SKB mode/fingerprint and the full recipe."""
-    recipe, skf = task.recipe, task.skf
+    recipe, skf = routine.recipe, routine.skf
     params: dict[str, Any] = {
-        "component.baseline": getattr(task, "spec", recipe.baseline),
+        "component.baseline": getattr(routine, "spec", recipe.baseline),
         "skf.enabled": skf.enabled,
         "skf.skb_mode": skf.skb_mode,
         "skf.skb_input": skf.skb_input,
     }
     if skf.se:
-        params["component.se"] = resolved_spec(recipe.model.get("se") or task.family.default_se)
-    if task.sch is not None:
+        params["component.se"] = resolved_spec(recipe.model.get("se") or routine.family.default_se)
+    if routine.sch is not None:
         params["component.sch"] = resolved_spec(SCH_SPEC)
-    if getattr(task, "sa", None) is not None:
+    if getattr(routine, "sa", None) is not None:
         params["component.sa"] = resolved_spec(SA_SPEC)
-    if task.skb is not None and hasattr(task.skb, "describe"):
-        params.update(task.skb.describe())  # skb.spec, skb.pretrained, skb.fingerprint, ...
-    cache = getattr(task, "prior_cache", None)
+    if routine.skb is not None and hasattr(routine.skb, "describe"):
+        params.update(routine.skb.describe())  # skb.spec, skb.pretrained, skb.fingerprint, ...
+    cache = getattr(routine, "prior_cache", None)
     if cache is not None:
         params["skb.fingerprint"] = cache.fingerprint
     _flatten("recipe", recipe.model_dump(mode="json"), params)
     return params
 
 
-def _init_from(task: BaselineTask, uri: str) -> None:
+def _init_from(routine: BaselineRoutine, uri: str) -> None:
     """Non-strict warm start (SNR-SKF from the SNR baseline, docs/method.md §7); reports skipped keys."""
     from components.checkpoints import load_checkpoint
 
     state = load_checkpoint(uri).state_dict
-    result = task.net.load_state_dict(state, strict=False)
+    result = routine.net.load_state_dict(state, strict=False)
     log.info(
         "initialised %s from %s: %d missing key(s) (e.g. new SE blocks), %d unexpected",
-        task.family.name,
+        routine.family.name,
         uri,
         len(result.missing_keys),
         len(result.unexpected_keys),
@@ -353,18 +353,18 @@ def train(
     version, ...) are logged with the resolved specs, SKB mode and fingerprint.
     """
     torch.manual_seed(recipe.train.seed)  # identical network init for a given recipe
-    task = build_task(baseline_spec, recipe, skb, prior_cache)
+    routine = build_routine(baseline_spec, recipe, skb, prior_cache)
     if recipe.train.init_checkpoint:
-        _init_from(task, recipe.train.init_checkpoint)
-    loader_hook = priors_loader_for(task)
+        _init_from(routine, recipe.train.init_checkpoint)
+    loader_hook = priors_loader_for(routine)
     if loader_hook is not None and getattr(train_dataset, "priors_loader", "absent") is None:
         train_dataset.priors_loader = loader_hook  # type: ignore[attr-defined]
     config = trainer_config(recipe, **trainer_overrides)
     if skb is not None and config.device:  # the SKB is not a trained module: place it like the network
         skb.to(torch.device(config.device))
-    trainer = Trainer(task, config, run_dir=run_dir, logger=logger, progress=progress)
-    resolved = run_params(task)
-    sa = getattr(task, "sa", None)
+    trainer = Trainer(routine, config, run_dir=run_dir, logger=logger, progress=progress)
+    resolved = run_params(routine)
+    sa = getattr(routine, "sa", None)
     if sa is not None:  # what "auto" became on this run's device
         resolved["skf.sa.precision"] = sa.resolved_precision(select_device(config.device))
     return trainer.fit(train_dataset, val_loader, resume=resume, params={**resolved, **(params or {})})

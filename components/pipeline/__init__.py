@@ -1,0 +1,1 @@
+"""The ``skf-train`` pipeline's Prefect-free parts: parameters and presets, and the run summary."""
