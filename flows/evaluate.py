@@ -1,8 +1,8 @@
 """Prefect flow ``evaluate-model``: score a trained run or a registered model on a dataset version.
 
 The job is :func:`components.evaluation.job.run_evaluation` (what is scored, where it is recorded, when it
-is skipped); this flow runs it as a ``gpu``-tagged task and publishes the metric table and the report as
-Prefect artifacts.
+is skipped); this flow runs it as a ``gpu``-tagged task and publishes the metric table, the report and
+the labelled sample grid (an image artifact) as Prefect artifacts.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
 from components.evaluation.job import evaluation_markdown, metric_table, run_evaluation
 
@@ -64,5 +64,10 @@ def evaluate_model(
         markdown=evaluation_markdown(result) + "\n" + result.get("markdown", ""),
         key=key,
         description=f"Evaluation of {result['model']} on {result['dataset_version']}",
+    )
+    create_image_artifact(
+        image_url=result["grid_uri"],
+        key=key + "-grid",
+        description=f"input | output | reference, PSNR per image; {result.get('headline', '')}",
     )
     return {k: v for k, v in result.items() if k != "markdown"}

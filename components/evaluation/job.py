@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from components.errors import SKFError, UserInputError
+from components.evaluation.grid import GRID_IMAGES, labelled_grid
+from components.evaluation.references import headline, score_references
 from components.model_registry import ModelNotFoundError, check_model_uri
 from components.progress import ProgressCallback
 from components.tracking import mlflow_client
@@ -35,7 +37,6 @@ __all__ = [
     "DatasetObjectError",
     "ModelNotFoundError",
     "ModelRef",
-    "crop_grid",
     "eval_key",
     "evaluation_markdown",
     "load_model",
@@ -46,8 +47,6 @@ __all__ = [
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 EVAL_TAG = "skf.eval."
-GRID_IMAGES = 4
-GRID_CROP = 128
 
 
 class DatasetObjectError(SKFError):
@@ -130,30 +129,6 @@ def _enhance(
     return outs
 
 
-def _centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    ch, cw = min(size, h), min(size, w)
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return x[..., top : top + ch, left : left + cw]
-
-
-def crop_grid(rows: Sequence[tuple[torch.Tensor, ...]], size: int = GRID_CROP) -> Any:
-    """A PIL image: one row per image, its crops (input | output | reference) side by side."""
-    import torch.nn.functional as F
-    from PIL import Image
-
-    strips = []
-    for images in rows:
-        crops = [_centre_crop(x.clamp(0, 1), size) for x in images]
-        h = max(c.shape[-2] for c in crops)
-        crops = [F.pad(c, (0, 0, 0, h - c.shape[-2])) for c in crops]
-        strips.append(torch.cat(crops, dim=-1))
-    width = max(s.shape[-1] for s in strips)
-    grid = torch.cat([F.pad(s, (0, width - s.shape[-1])) for s in strips], dim=-2)
-    array = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
-
-
 def eval_key(protocol: str, version_ref: str, unpaired: Sequence[str]) -> str:
     """Tag-safe name of one evaluation: protocol and every dataset version it covers."""
     parts = [protocol, version_ref.replace("@", ".v"), *(u.replace("@", ".v") for u in unpaired)]
@@ -178,6 +153,26 @@ class _Inputs:
     previous: dict[str, Any] | None
     pairs: list[Any] = dataclasses.field(default_factory=list)
     unpaired_records: list[list[Any]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Scores:
+    """The model's reports (test split first), the references' test reports, the grid's rows."""
+
+    reports: list[Any]
+    references: dict[str, Any]
+    grid_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    def grid(self) -> Any:
+        """The labelled grid, with each row's input and output PSNR from the reports."""
+        test, given = self.reports[0], self.references.get("input")
+        n = len(self.grid_rows)
+        psnr_out = [row.get("psnr") for row in test.rows[:n]]
+        psnr_in = [row.get("psnr") for row in given.rows[:n]] if given is not None else None
+        return labelled_grid(self.grid_rows, psnr_in, psnr_out)
+
+    def reference_aggregates(self) -> dict[str, dict[str, float | None]]:
+        return {name: dict(r.aggregates) for name, r in self.references.items()}
 
 
 def _inputs(
@@ -214,8 +209,8 @@ def _score(
     dev: torch.device,
     progress: ProgressCallback | None,
     log: Callable[[str], None],
-) -> tuple[list[Any], list[tuple[torch.Tensor, ...]]]:
-    """Enhance every image and compute the reports; returns them and the grid rows."""
+) -> _Scores:
+    """Enhance every image, score it and the classic references; the reports and the grid rows."""
     from components.evaluation import (
         PAIRED_DEFAULT,
         UNPAIRED_DEFAULT,
@@ -240,9 +235,10 @@ def _score(
     log(f"enhanced {len(outs)} test images of {version.ref} with {inputs.ref.uri}")
     names = [low.pair_key for low, _ in pairs]
     split = _split_name("test", protocol)
-    reports = [
-        evaluate_pairs(outs, highs, protocol, metrics or PAIRED_DEFAULT, names=names, device=dev, split=split)
-    ]
+    paired_metrics = tuple(metrics or PAIRED_DEFAULT)
+    reports = [evaluate_pairs(outs, highs, protocol, paired_metrics, names=names, device=dev, split=split)]
+    log(f"scoring the classic references (input, gamma, CLAHE, histogram equalisation) under {protocol}")
+    references = score_references(lows, highs, protocol, paired_metrics, names=names, device=dev, split=split)
     unpaired_protocol = protocol if get_protocol(protocol).brightness == "none" else "raw"
     for uv, records in zip(inputs.unpaired, inputs.unpaired_records, strict=True):
         outputs = _enhance(enhancer, [_tensor(r, uv.ref) for r in records], dev, step)
@@ -257,29 +253,65 @@ def _score(
                 split=_split_name(uv.name, unpaired_protocol),
             )
         )
-    return reports, list(zip(lows, outs, highs, strict=True))[:GRID_IMAGES]
+    return _Scores(reports, references, list(zip(lows, outs, highs, strict=True))[:GRID_IMAGES])
 
 
-def _record(
-    client: Any, inputs: _Inputs, protocol: str, reports: list[Any], grid_rows: list[Any]
-) -> tuple[dict[str, Any], str]:
+def _comparison_markdown(scores: _Scores) -> str:
+    """The model's test row beside the reference rows, every paired metric (the table people read first)."""
+    test = scores.reports[0]
+    head = "| enhancer | " + " | ".join(test.metrics) + " |"
+    rule = "|---|" + "---:|" * len(test.metrics)
+
+    def cells(aggregates: dict[str, Any]) -> str:
+        shown = ("n/a" if aggregates.get(m) is None else f"{aggregates[m]:.4f}" for m in test.metrics)
+        return " | ".join(shown)
+
+    lines = [f"### Model vs classic references ({test.split})", "", head, rule]
+    lines.append(f"| **model** | {cells(test.aggregates)} |")
+    lines += [f"| {name} | {cells(r.aggregates)} |" for name, r in scores.references.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _reference_metrics(scores: _Scores) -> dict[str, float]:
+    """``reference/<name>/<split>/<metric>`` for every finite reference aggregate."""
+    return {
+        f"reference/{name}/{key}": value
+        for name, r in scores.references.items()
+        for key, value in r.mlflow_metrics().items()
+        if not key.endswith("/num_images")
+    }
+
+
+def _last_step(client: Any, run_id: str) -> int:
+    """The step the evaluated weights were trained to (the grid's MLflow image step); 0 if unknown."""
+    metrics = client.get_run(run_id).data.metrics
+    return int(metrics.get("train/step", 0) or 0)
+
+
+def _record(client: Any, inputs: _Inputs, protocol: str, scores: _Scores) -> tuple[dict[str, Any], str]:
     """Log the artifacts, metrics and tags on the run; returns the evaluation summary and its report."""
     from mlflow.entities import Metric, RunTag
 
     from components.evaluation import get_protocol
 
-    ref, key = inputs.ref, inputs.key
+    ref, key, reports = inputs.ref, inputs.key, scores.reports
     values = {k: v for r in reports for k, v in r.mlflow_metrics().items()}
     unavailable = {f"{r.split}/{m}": u.reason[:300] for r in reports for m, u in r.unavailable.items()}
-    markdown = "\n".join(r.to_markdown() for r in reports)
+    line = headline(reports[0].aggregates, scores.reference_aggregates())
+    markdown = "\n".join([f"**{line}**\n", _comparison_markdown(scores), *(r.to_markdown() for r in reports)])
     folder = f"eval/{key}"
+    grid = scores.grid()
     with tempfile.TemporaryDirectory(prefix="skf-eval-") as tmp:
         out = Path(tmp)
         for r in reports:
             r.to_csv(out / f"{r.split}-per_image.csv")
-        crop_grid(grid_rows).save(out / "grid.png")
+        for name, r in scores.references.items():
+            r.to_csv(out / "references" / f"{name}-{r.split}-per_image.csv")
+        grid.save(out / "grid.png")
         (out / "report.md").write_text(markdown)
         client.log_artifacts(ref.run_id, str(out), folder)
+    # MLflow's image view: the grid as a keyed, stepped image beside the run's training sample grids.
+    client.log_image(ref.run_id, grid, key=f"eval-{key}", step=_last_step(client, ref.run_id))
     base = f"{client.get_run(ref.run_id).info.artifact_uri}/{folder}"
     summary = {
         "model": ref.uri,
@@ -290,6 +322,8 @@ def _record(
         "protocol": get_protocol(protocol).name,
         "metrics": values,
         "unavailable": unavailable,
+        "references": scores.reference_aggregates(),
+        "headline": line,
         "csv_uri": f"{base}/{reports[0].split}-per_image.csv",
         "grid_uri": f"{base}/grid.png",
         "report_uri": f"{base}/report.md",
@@ -300,7 +334,7 @@ def _record(
     now = int(time.time() * 1000)  # a forced rerun's values become the latest ones
     client.log_batch(
         ref.run_id,
-        metrics=[Metric(k, v, now, 0) for k, v in values.items()],
+        metrics=[Metric(k, v, now, 0) for k, v in {**values, **_reference_metrics(scores)}.items()],
         tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
     )
     _drop_stale_unavailable(client, ref.run_id, inputs.previous, reports)
@@ -340,8 +374,9 @@ def run_evaluation(
         )
     _check_data(inputs)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    reports, grid_rows = _score(inputs, protocol, metrics, dev, progress, log)
-    summary, markdown = _record(client, inputs, protocol, reports, grid_rows)
+    scores = _score(inputs, protocol, metrics, dev, progress, log)
+    summary, markdown = _record(client, inputs, protocol, scores)
+    log(summary["headline"])
     return {**summary, "status": "evaluated", "markdown": markdown}
 
 
@@ -363,28 +398,52 @@ def _drop_stale_unavailable(
 # Presentation (the flow's artifacts)
 # --------------------------------------------------------------------------------------------------
 def metric_table(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for a table artifact: every metric, unavailable ones with their reason."""
+    """Rows for a table artifact: every metric, unavailable ones with their reason, then the references'."""
     rows = [{"metric": k, "value": round(v, 4), "note": ""} for k, v in sorted(result["metrics"].items())]
     rows += [
         {"metric": k, "value": None, "note": why[:200]} for k, why in sorted(result["unavailable"].items())
     ]
+    for name, scores in (result.get("references") or {}).items():
+        rows += [
+            {"metric": f"{m}", "value": None if v is None else round(v, 4), "note": f"reference: {name}"}
+            for m, v in sorted(scores.items())
+        ]
     return rows
 
 
+def _reference_lines(result: dict[str, Any]) -> list[str]:
+    """The model's test row beside the classic references (none on results recorded before they existed)."""
+    references = result.get("references") or {}
+    if not references:
+        return []
+    split = next((k.split("/")[0] for k in result["metrics"] if k.endswith("/psnr")), "test")
+    metrics = sorted({m for scores in references.values() for m in scores})
+    model = [result["metrics"].get(f"{split}/{m}") for m in metrics]
+
+    def cells(values: list[float | None]) -> str:
+        return " | ".join("n/a" if v is None else f"{v:.4f}" for v in values)
+
+    lines = ["", f"**{result.get('headline', '')}**", "", "| enhancer | " + " | ".join(metrics) + " |"]
+    lines += ["|---|" + "---:|" * len(metrics), f"| **model** | {cells(model)} |"]
+    lines += [f"| {name} | {cells([s.get(m) for m in metrics])} |" for name, s in references.items()]
+    return lines
+
+
 def evaluation_markdown(result: dict[str, Any]) -> str:
-    """The evaluation summary as markdown: metrics, unavailable ones and where the files are."""
+    """The evaluation summary as markdown: metrics, the reference rows and where the files are."""
     lines = [
         f"# Evaluation of `{result['model']}` on `{result['dataset_version']}` ({result['status']})",
         "",
         f"Protocol `{result['protocol']}`; MLflow run `{result['run_id']}`"
         + (f" (registered {result['registered']})" if result.get("registered") else ""),
+        *_reference_lines(result),
         "",
         "| metric | value |",
         "|---|---:|",
         *(f"| {k} | {v:.4f} |" for k, v in sorted(result["metrics"].items())),
         *(f"| {k} | unavailable: {why} |" for k, why in sorted(result["unavailable"].items())),
         "",
-        f"- crops (input / output / reference): [{result['grid_uri']}]({result['grid_uri']})",
+        f"- labelled crops (input / output / reference, PSNR per image): [{result['grid_uri']}]({result['grid_uri']})",
         f"- per-image scores: [{result['csv_uri']}]({result['csv_uri']})",
         f"- full report: [{result['report_uri']}]({result['report_uri']})",
     ]

@@ -46,10 +46,15 @@ def _result_lines(stages: Mapping[str, Any]) -> list[str]:
     ev = stages.get("evaluate")
     if ev:
         lines += ["", f"**Evaluation** ({ev['status']}, protocol `{ev['protocol']}`):", ""]
+        if ev.get("headline"):
+            lines += [f"**{ev['headline']}**", ""]
         lines += ["| metric | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in sorted(ev["metrics"].items())]
         lines += [f"| {k} | unavailable |" for k in sorted(ev["unavailable"])]
-        lines += ["", f"Crops: {ev['grid_uri']}  ", f"Per-image CSV: {ev['csv_uri']}"]
+        for name, scores in (ev.get("references") or {}).items():
+            shown = ", ".join(f"{m} {v:.4f}" for m, v in sorted(scores.items()) if v is not None)
+            lines.append(f"| reference `{name}` | {shown} |")
+        lines += ["", f"Labelled crops: {ev['grid_uri']}  ", f"Per-image CSV: {ev['csv_uri']}"]
     reg = stages.get("register")
     if reg:
         lines += [

@@ -212,6 +212,7 @@ def evaluate_command(
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         raise typer.Exit(getattr(exc, "exit_code", 2)) from exc
     console.print(metrics_table(result))
+    console.print(result.get("headline", ""), soft_wrap=True, markup=False)
     console.print(f"per-image scores: {result['csv_uri']}\ncrops: {result['grid_uri']}", soft_wrap=True)
 
 
@@ -224,6 +225,9 @@ def metrics_table(result: dict[str, Any]) -> Table:
         table.add_row(key, f"{value:.4f}", "")
     for key, why in sorted(result["unavailable"].items()):
         table.add_row(key, "unavailable", why)
+    for name, scores in (result.get("references") or {}).items():
+        for metric, value in sorted(scores.items()):
+            table.add_row(metric, "n/a" if value is None else f"{value:.4f}", f"reference: {name}")
     return table
 
 
@@ -249,6 +253,8 @@ def demo_command(
     console.print(
         "\n".join(
             [
+                f"result:           {ev.get('headline', '')}",
+                f"sample grid:      {ev['grid_uri']}  (input | output | reference, PSNR per image)",
                 f"registered model: models:/{reg['name']}/{reg['version']}  "
                 f"(alias: models:/{reg['name']}@challenger)",
                 f"champion alias:   models:/{reg['name']}@champion -- "
