@@ -5,6 +5,13 @@ entry is deleted by the cache and recomputed here. Missing images are batched by
 equal-sized inputs in a batch), image reads and cache writes overlap the forward passes on a small
 thread pool, storage I/O is retried, and a failing image is recorded with its reason without stopping
 the others.
+
+An SKB that makes its priors from ground-truth label maps (``needs_labels``, the oracle
+``skb/oracle-labels@1``) is fed each low image's label record from the dataset version, as
+``skb(x, labels=...)``; a version without label maps for its inputs is refused up front
+(:class:`MissingLabelsError`). Its priors are cached like any other SKB's, so training reads them
+unchanged. The cache key stays (image sha256, fingerprint): an image re-ingested with a different label
+map keeps its first priors until the cache entry is deleted.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from torch import Tensor
 
 from components import registry
 from components.catalog import Catalog, open_catalog
-from components.data.records import ImageRecord
+from components.data.records import DatasetVersionRecord, ImageRecord
+from components.errors import SKFError
 from components.prior_cache import CacheEntry, PriorCache
 from components.progress import ProgressCallback
 from components.skb import Priors
@@ -37,6 +45,10 @@ DEFAULT_SKB = "skb/hrnet-w48-pascal@1"
 DEFAULT_SPLITS: tuple[str, ...] = ("train", "test", "unpaired")
 SKB_INPUT_ROLES: tuple[str, ...] = ("low", "unpaired")  # the cached SKB runs on the low-light input
 _PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class MissingLabelsError(SKFError, LookupError):
+    """The SKB needs label maps and the dataset version has none for some of its inputs."""
 
 
 @dataclasses.dataclass
@@ -61,6 +73,7 @@ class PrecomputeSummary:
     corrupt: int = 0
     forward_passes: int = 0
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    oracle: bool = False  # priors made from ground-truth label maps (skb/oracle-labels@1)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,7 +83,7 @@ class PrecomputeSummary:
         return [
             ("dataset version", self.version_ref),
             ("SKB", self.skb_spec_resolved),
-            ("pretrained", "yes" if self.pretrained else "NO (random init: priors carry no semantics)"),
+            ("pretrained", _pretrained_text(self.pretrained, self.oracle)),
             ("fingerprint", self.fingerprint[:16]),
             ("images", str(self.total)),
             ("computed", str(self.computed)),
@@ -92,6 +105,14 @@ class PrecomputeSummary:
                 f"| `{sha[:16]}` | {msg.replace('|', '/')} |" for sha, msg in sorted(self.errors.items())
             ]
         return "\n".join(lines) + "\n"
+
+
+def _pretrained_text(pretrained: bool, oracle: bool) -> str:
+    if pretrained:
+        return "yes"
+    if oracle:
+        return "NO (oracle: priors from ground-truth label maps, for benchmarks only)"
+    return "NO (random init: priors carry no semantics)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +140,32 @@ def select_images(records: Sequence[ImageRecord], splits: Sequence[str]) -> list
         if r.split in splits and r.role in SKB_INPUT_ROLES:
             unique.setdefault(r.sha256, r)
     return list(unique.values())
+
+
+def needs_labels(skb: Any) -> bool:
+    """Whether ``skb`` makes its priors from label maps (``skb(x, labels=...)``), like the oracle SKB."""
+    return bool(getattr(skb, "needs_labels", False))
+
+
+def label_records(
+    version: DatasetVersionRecord, images: Sequence[ImageRecord], spec: str
+) -> dict[str, ImageRecord]:
+    """Label record per SKB input (by image sha256); raises :class:`MissingLabelsError` when any is missing."""
+    found = {r.sha256: label for r in images if (label := version.label_of(r)) is not None}
+    missing = [r for r in images if r.sha256 not in found]
+    if not missing:
+        return found
+    what = (
+        "has no label maps"
+        if not version.has_labels
+        else f"has no label map for {len(missing)} of {len(images)} images"
+    )
+    examples = ", ".join(r.rel_path or r.pair_key for r in missing[:3])
+    raise MissingLabelsError(
+        f"dataset {version.ref} {what} (e.g. {examples}), and SKB {spec} makes its priors from ground-truth "
+        "label maps: ingest a labelled source (a LOL tree with labels/ beside low/ and high/ and a "
+        "classes.json, e.g. components.data.scenes.generate_scene_dataset) and precompute that version"
+    )
 
 
 def size_batches(records: Sequence[ImageRecord], batch_size: int) -> Iterator[list[ImageRecord]]:
@@ -193,13 +240,14 @@ def precompute_priors(
     if skb is None:
         skb = registry.create(registry.resolved_spec(skb_spec), checkpoint=checkpoint, device=device)
     resolved = getattr(skb, "spec", None) or registry.resolved_spec(skb_spec)
+    labels = label_records(version, images, resolved) if needs_labels(skb) else None
     cache = PriorCache(storage, catalog, skb.fingerprint)
     run = _Run(len(images), progress)
 
     todo, cached = _missing(cache, images, run, verify, io_workers)
     compute_start = time.perf_counter()
     if todo:
-        _compute(skb, cache, todo, batch_size, run, io_workers)
+        _compute(skb, cache, todo, batch_size, run, io_workers, labels)
     compute_seconds = time.perf_counter() - compute_start
 
     seconds = time.perf_counter() - start
@@ -218,6 +266,7 @@ def precompute_priors(
         corrupt=cache.stats.corrupt,
         forward_passes=run.forward_passes,
         errors=dict(run.errors),
+        oracle=needs_labels(skb),
     )
     log.info("precompute %s: %s", version.ref, ", ".join(f"{k}={v}" for k, v in summary.rows()))
     return summary
@@ -259,18 +308,32 @@ def _missing(
 
 
 def _compute(
-    skb: Any, cache: PriorCache, todo: list[ImageRecord], batch_size: int, run: _Run, workers: int
+    skb: Any,
+    cache: PriorCache,
+    todo: list[ImageRecord],
+    batch_size: int,
+    run: _Run,
+    workers: int,
+    labels: dict[str, ImageRecord] | None = None,
 ) -> None:
-    """Forward passes in size batches; the next batch loads and finished ones are written meanwhile."""
+    """Forward passes in size batches; the next batch loads and finished ones are written meanwhile.
+
+    ``labels`` (image sha256 -> label record) is given for an SKB that needs label maps.
+    """
     batches = list(size_batches(todo, batch_size))
+    label_of = labels or {}
+
+    def submit(pool: ThreadPoolExecutor, batch: list[ImageRecord]) -> list[Future[_Input]]:
+        return [pool.submit(_load, r, label_of.get(r.sha256)) for r in batch]
+
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="priors-io") as pool:
-        loading = [pool.submit(_load, r) for r in batches[0]]
+        loading = submit(pool, batches[0])
         writes: list[tuple[ImageRecord, Future[CacheEntry]]] = []
         for i, batch in enumerate(batches):
             loaded = loading
             if i + 1 < len(batches):
-                loading = [pool.submit(_load, r) for r in batches[i + 1]]
-            inputs: list[tuple[ImageRecord, Tensor]] = []
+                loading = submit(pool, batches[i + 1])
+            inputs: list[tuple[ImageRecord, _Input]] = []
             for record, fut in zip(batch, loaded, strict=True):
                 try:
                     inputs.append((record, fut.result()))
@@ -293,9 +356,17 @@ def _compute(
         _collect(writes, run, keep=0)
 
 
-def _load(record: ImageRecord) -> Tensor:
-    """The image exactly as the training dataset decodes it, as float (3, H, W) in [0, 1]."""
-    from components.data.torch_dataset import load_rgb
+@dataclasses.dataclass(frozen=True)
+class _Input:
+    """One SKB input: the image (3, H, W) in [0, 1], and its class-id map (H, W) int64 when needed."""
+
+    image: Tensor
+    labels: Tensor | None = None
+
+
+def _load(record: ImageRecord, label: ImageRecord | None = None) -> _Input:
+    """The image exactly as the training dataset decodes it, as float (3, H, W) in [0, 1], and its labels."""
+    from components.data.torch_dataset import load_label, load_rgb
 
     rgb = with_retries(lambda: load_rgb(record), f"read {record.uri}")
     if rgb.shape[:2] != (record.height, record.width):
@@ -303,11 +374,28 @@ def _load(record: ImageRecord) -> Tensor:
             f"{record.uri} decodes to {rgb.shape[:2]} but the catalog says {(record.height, record.width)}; "
             "re-ingest the dataset"
         )
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)
+    image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)
+    if label is None:
+        return _Input(image)
+    ids = with_retries(lambda: load_label(label), f"read {label.uri}")
+    if ids.shape != rgb.shape[:2]:
+        raise ValueError(
+            f"label map {label.rel_path or label.uri} is {ids.shape} but its image is {rgb.shape[:2]}; "
+            "re-ingest the dataset"
+        )
+    return _Input(image, torch.from_numpy(ids.astype(np.int64)))
+
+
+def _run_skb(skb: Any, inputs: Sequence[_Input]) -> Priors:
+    """One forward pass over equal-size inputs, with their stacked label maps for an SKB that needs them."""
+    x = torch.stack([i.image for i in inputs])
+    if inputs[0].labels is None:
+        return skb(x)
+    return skb(x, labels=torch.stack([i.labels for i in inputs if i.labels is not None]))
 
 
 def _forward(
-    skb: Any, inputs: list[tuple[ImageRecord, Tensor]], run: _Run
+    skb: Any, inputs: list[tuple[ImageRecord, _Input]], run: _Run
 ) -> Iterator[tuple[ImageRecord, Priors]]:
     """Priors per image of one equal-size batch; a failing batch is retried image by image."""
     if not inputs:
@@ -315,7 +403,7 @@ def _forward(
     try:
         run.forward_passes += 1
         results = list(
-            zip((r for r, _ in inputs), skb(torch.stack([x for _, x in inputs])).unbind(), strict=True)
+            zip((r for r, _ in inputs), _run_skb(skb, [i for _, i in inputs]).unbind(), strict=True)
         )
     except Exception as exc:
         if len(inputs) == 1:
@@ -326,10 +414,10 @@ def _forward(
     else:
         yield from results
         return
-    for record, x in inputs:
+    for record, item in inputs:
         try:
             run.forward_passes += 1
-            priors = skb(x.unsqueeze(0))
+            priors = _run_skb(skb, [item])
         except Exception as exc:
             run.fail(record, exc)
             run.advance(1)

@@ -21,6 +21,7 @@ _SPEC_RE = re.compile(r"^(?P<kind>[a-z][a-z0-9_-]*)/(?P<name>[a-z0-9][a-z0-9_.-]
 # registry stays cheap and free of heavy dependencies.
 BUILTIN_MODULES: tuple[str, ...] = (
     "components.skb",
+    "components.skb_oracle",
     "components.se",
     "components.losses",
     "components.baselines",

@@ -83,7 +83,13 @@ def precompute_priors_flow(
         description=f"Prior cache for {summary.version_ref} with {summary.skb_spec_resolved}",
     )
     logger.info("prior cache summary\n%s", log_table(summary.rows()))
-    if not summary.pretrained:
+    if summary.oracle:
+        logger.warning(
+            "SKB %s is an ORACLE: its priors come from ground-truth label maps (a benchmark's upper "
+            "bound); models trained on them are never promoted",
+            summary.skb_spec_resolved,
+        )
+    elif not summary.pretrained:
         logger.warning(
             "SKB %s ran WITHOUT a checkpoint (random init): these priors carry no semantics; "
             "models trained on them must never be promoted",

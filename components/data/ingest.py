@@ -1,7 +1,10 @@
 """Ingest a dataset source into content-addressed storage and an immutable catalog version.
 
 A version's identity is its manifest: the sorted JSON lines ``(split, role, pair_key, sha256)`` of its
-valid images, hashed with sha256. Ingesting content whose manifest already exists returns that version
+valid images, hashed with sha256. Label maps (role ``label``) are images of the manifest like the others,
+and a version with label maps adds one line for its class names (role ``classes``, the sha256 of the
+names as JSON), so renaming a class makes a new version; a source without label maps hashes exactly as
+before labels existed. Ingesting content whose manifest already exists returns that version
 untouched (idempotent). Otherwise images are stored first (``images/<sha[:2]>/<sha>.<ext>``, skipped when
 present), and only then are the version, its images and its quarantined inputs written in ONE catalog
 transaction, so a crash at any point leaves earlier versions intact and never a half version.
@@ -24,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from components.catalog import Dataset, DatasetVersion, Image, QuarantinedInput, open_catalog
-from components.data.layouts import scan_layout
+from components.data.layouts import CLASSES_FILE, LABEL_ROLE, scan_layout
 from components.data.records import (
     DatasetVersionRecord,
     ImageRecord,
@@ -63,6 +66,9 @@ _CHUNK = 1 << 20
 _COMMIT_TRIES = 5
 # Key of DatasetVersion.changes holding {rel_path: conversion} (the catalog has no per-image JSON column).
 _CONVERSIONS = "conversions"
+# Key of DatasetVersion.changes holding the label maps' class names in id order (no schema change needed).
+_LABEL_CLASSES = "label_classes"
+_METADATA_KEYS = (_CONVERSIONS, _LABEL_CLASSES)
 
 
 class IngestError(SKFError, RuntimeError):
@@ -91,6 +97,8 @@ class IngestResult:
     report_uri: str | None = None
     # rel_path -> what loading the stored (original) bytes as RGB does, for images that are not plain RGB.
     conversions: dict[str, str] = field(default_factory=dict)
+    # Class names of the label maps (id order), empty for a source without label maps.
+    label_classes: list[str] = field(default_factory=list)
 
     @property
     def ref(self) -> str:
@@ -126,6 +134,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += [f"| {s} | {r} | {n} |" for s, roles in summary["counts"].items() for r, n in roles.items()]
     lines += ["", "| change | pair keys |", "|---|---:|"]
     lines += [f"| {k} | {len(v)} |" for k, v in summary["changes"].items()]
+    if summary.get("label_classes"):
+        lines += ["", f"Label classes (id order): {', '.join(summary['label_classes'])}"]
     lines += ["", f"**Quarantined: {len(summary['quarantined'])}**"]
     if summary["quarantine_reasons"]:
         lines += ["", "| reason | files |", "|---|---:|"]
@@ -156,6 +166,12 @@ def build_manifest(items: list[tuple[str, str, str, str]]) -> tuple[str, str]:
     )
     text = "\n".join(lines) + "\n"
     return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def classes_item(names: tuple[str, ...] | list[str]) -> tuple[str, str, str, str]:
+    """The manifest line of a labelled version's class names (role ``classes``), hashing their JSON."""
+    blob = json.dumps(list(names), separators=(",", ":")).encode()
+    return "", "classes", CLASSES_FILE, hashlib.sha256(blob).hexdigest()
 
 
 def _content_by_key(items: list[tuple[str, str, str, str]]) -> dict[str, tuple[tuple[str, str], ...]]:
@@ -191,7 +207,7 @@ def check_dataset_name(name: str) -> None:
 
 
 def _summary(v: Any) -> dict[str, Any]:
-    changes = {k: val for k, val in (v.changes or {}).items() if k != _CONVERSIONS}
+    changes = {k: val for k, val in (v.changes or {}).items() if k not in _METADATA_KEYS}
     return {
         "name": v.dataset.name,
         "version": v.version,
@@ -224,7 +240,8 @@ def _version_record(v: Any) -> DatasetVersionRecord:
     images = sorted(
         (_image_record(i, conversions) for i in v.images), key=lambda r: (r.split, r.pair_key, r.role)
     )
-    return DatasetVersionRecord(**_summary(v), images=tuple(images))
+    classes = tuple((v.changes or {}).get(_LABEL_CLASSES, ()))
+    return DatasetVersionRecord(**_summary(v), images=tuple(images), label_classes=classes)
 
 
 def _manifest_items(records: list[ImageRecord] | tuple[ImageRecord, ...]) -> list[tuple[str, str, str, str]]:
@@ -320,7 +337,8 @@ def ingest(
                 f"{', '.join(f'{r}={n}' for r, n in sorted(reasons.items())) or 'none'}); fix the inputs and retry"
             )
         items = [(v.entry.split, v.entry.role, v.entry.pair_key, v.info.sha256) for v in valid]
-        _, manifest_sha = build_manifest(items)
+        classes = validation.label_classes
+        _, manifest_sha = build_manifest(items + ([classes_item(classes)] if classes else []))
         base = IngestResult(
             dataset=name,
             version=0,
@@ -332,7 +350,12 @@ def ingest(
             counts=count_by_split_role((split, role) for split, role, _, _ in items),
             quarantined=quarantined,
             ignored=list(scan.ignored),
-            conversions={v.entry.rel_path: v.info.conversion for v in valid if v.info.conversion},
+            conversions={
+                v.entry.rel_path: v.info.conversion
+                for v in valid
+                if v.info.conversion and v.entry.role != LABEL_ROLE  # ids, never loaded as RGB
+            },
+            label_classes=list(classes),
         )
 
         existing = _existing(catalog, name, manifest_sha)
@@ -354,6 +377,7 @@ def _existing(catalog: Any, name: str, manifest_sha: str) -> DatasetVersionRecor
 
 def _as_existing(base: IngestResult, existing: DatasetVersionRecord) -> IngestResult:
     base.version, base.version_id, base.created = existing.version, existing.id, False
+    base.label_classes = list(existing.label_classes)
     base.counts, base.changes = existing.counts(), dict(existing.changes)
     return base
 
@@ -454,7 +478,7 @@ def _commit_once(
             source_uri=base.source_uri,
             layout=base.layout,
             parent_id=parent.id if parent is not None else None,
-            changes={**changes, _CONVERSIONS: base.conversions} if base.conversions else changes,
+            changes=_changes_with_metadata(changes, base),
             image_count=len(valid),
         )
         session.add(version)
@@ -470,6 +494,12 @@ def _commit_once(
         base.report_uri = storage.put_bytes(f"{stem}.json", report_json)
         storage.put_bytes(f"{stem}.md", report_md)
     return base
+
+
+def _changes_with_metadata(changes: dict[str, list[str]], base: IngestResult) -> dict[str, Any]:
+    """The diff plus what the catalog has no column for (conversions, class names), when there is any."""
+    extra = {_CONVERSIONS: base.conversions, _LABEL_CLASSES: base.label_classes}
+    return {**changes, **{k: v for k, v in extra.items() if v}}
 
 
 def _image_rows(version_id: int, valid: list[ValidatedEntry], uris: dict[str, str]) -> list[Image]:

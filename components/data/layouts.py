@@ -11,6 +11,11 @@ Supported trees (directory names are matched case-insensitively, file names exac
   layout is named explicitly;
 * ``unpaired``: images directly in a folder, or one level down in per-set subfolders (MEF, LIME, NPE, DICM).
 
+A split of a paired layout may hold an optional ``labels/`` folder beside its low and high folders: per-pixel
+class-id maps, each named like the low image it belongs to (same stem), with the class names in a
+``classes.json`` at the layout root (or above it, up to the source root). They become entries of role
+``label`` under the pair's key; a label map without a paired low image of that stem is a leftover.
+
 Pairs are made by name only: identical stem (``r000da54ft.png`` in both folders), else identical after
 stripping the role prefix (``low00001.png`` / ``normal00001.png``). A file without a partner, or whose name
 pairs with several files, is a leftover (quarantined as ``unpaired-leftover``, the detail names the missing
@@ -38,10 +43,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from components.data.records import LABEL_ROLE
 from components.errors import SKFError
 
 __all__ = [
+    "CLASSES_FILE",
     "IMAGE_EXTENSIONS",
+    "LABEL_ROLE",
     "LAYOUTS",
     "NON_UTF8_NAME",
     "PAIR_BY",
@@ -67,6 +75,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # Quarantine reasons the scan assigns, in validation's vocabulary (it assigns the per-content ones, and
 # refuses links and special files again when it opens a file).
 UNPAIRED_LEFTOVER = "unpaired-leftover"
+LABELS_DIR = "labels"
+CLASSES_FILE = "classes.json"
 SYMLINK = "symlink"
 SPECIAL_FILE = "special-file"  # FIFO, socket, device
 NON_UTF8_NAME = "non-utf8-name"
@@ -106,7 +116,7 @@ class Entry:
 
     rel_path: str  # POSIX path relative to the source root, always valid UTF-8 text
     split: str  # train | test | unpaired ("" for a refused file outside the layout's folders)
-    role: str  # low | high | unpaired ("" likewise)
+    role: str  # low | high | label | unpaired ("" likewise)
     pair_key: str  # "<split>/<name>" for pairs, the relative path for unpaired images and leftovers
 
 
@@ -138,6 +148,9 @@ class LayoutScan:
     leftovers: list[Leftover] = field(default_factory=list)
     refused: list[Leftover] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # regular files outside the layout's trees
+    # ``classes.json`` naming the label maps' class ids (relative path), when the source has label maps;
+    # "" when it has labels but no such file (validation then quarantines the label maps).
+    classes_file: str | None = None
 
     @property
     def paired(self) -> bool:
@@ -157,6 +170,7 @@ class _Split:
     split: str
     low_dir: Path
     high_dir: Path
+    labels_dir: Path | None = None
 
 
 # --------------------------------------------------------------------------------------------- listing
@@ -280,7 +294,7 @@ def _with_roles(candidates: list[tuple[str, Path | None]]) -> list[_Split]:
             continue
         low, high = _subdir(folder, *_LOW_DIRS), _subdir(folder, *_HIGH_DIRS)
         if low is not None and high is not None:
-            out.append(_Split(split, low, high))
+            out.append(_Split(split, low, high, _subdir(folder, LABELS_DIR)))
     return out
 
 
@@ -485,9 +499,67 @@ def _scan_paired(scan: LayoutScan, splits: list[_Split], pair_by: str) -> None:
         refused = {"low": high_refused, "high": low_refused}
         scan.leftovers.extend(_blame_refused(lo, refused[lo.entry.role]) for lo in leftovers)
         covered.update((split.low_dir, split.high_dir))
+        if split.labels_dir is not None:
+            _scan_labels(scan, split, pairs, lows)
+            covered.add(split.labels_dir)
+    if any(split.labels_dir is not None for split in splits):
+        scan.classes_file = _find_classes_file(scan)
     for item in _walk(scan.root):
-        if item.path.parent not in covered:
+        if item.path.parent not in covered and _rel(item.path, scan.root) != scan.classes_file:
             _refuse_or_ignore(scan, item)
+
+
+def _scan_labels(
+    scan: LayoutScan, split: _Split, pairs: dict[str, tuple[Path, Path]], lows: list[Path]
+) -> None:
+    """Label maps of ``split``, matched to its paired low images by stem; the rest are leftovers."""
+    assert split.labels_dir is not None
+    files, _ = _role_files(split.labels_dir, split.split, LABEL_ROLE, scan)  # refusals go to scan.refused
+    key_of = _group([low for low, _ in pairs.values()], lambda p: p.stem)
+    pair_key = {low: f"{split.split}/{key}" for key, (low, _) in pairs.items()}
+    all_lows = {p.stem: p for p in lows}
+    for stem, group in _group(files, lambda p: p.stem).items():
+        lows_of_stem = key_of.get(stem, [])
+        for path in group:
+            rel = _rel(path, scan.root)
+            if len(group) == 1 and len(lows_of_stem) == 1:
+                scan.entries.append(Entry(rel, split.split, LABEL_ROLE, pair_key[lows_of_stem[0]]))
+                continue
+            detail = _label_leftover_detail(stem, group, lows_of_stem, all_lows.get(stem), split, scan.root)
+            scan.leftovers.append(Leftover(Entry(rel, split.split, LABEL_ROLE, rel), detail))
+
+
+def _label_leftover_detail(
+    stem: str, group: list[Path], lows: list[Path], unpaired_low: Path | None, split: _Split, root: Path
+) -> str:
+    if len(group) > 1:
+        names = ", ".join(p.name for p in group)
+        return f"ambiguous label map name {stem!r} ({names}); keep one label map per low image"
+    if len(lows) > 1:
+        names = ", ".join(p.name for p in lows)
+        return (
+            f"several paired low images are named {stem!r} ({names}); rename them so one owns the label map"
+        )
+    if unpaired_low is not None:
+        return (
+            f"its low image {_rel(unpaired_low, root)} is not part of a pair (see its own quarantine entry)"
+        )
+    return (
+        f"orphan label map: no low image named {stem!r} in {_rel(split.low_dir, root)}; "
+        "name each label map after its low image"
+    )
+
+
+def _find_classes_file(scan: LayoutScan) -> str:
+    """``classes.json`` at the layout root or a folder above it (up to the source root); "" if none."""
+    folder = scan.layout_root
+    while True:
+        found = [i for i in _list(folder) if i.path.name == CLASSES_FILE and i.kind == "file"]
+        if found:
+            return _rel(found[0].path, scan.root)
+        if folder == scan.root or scan.root not in folder.parents:
+            return ""
+        folder = folder.parent
 
 
 def _scan_unpaired(scan: LayoutScan) -> None:

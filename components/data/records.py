@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DatasetVersionRecord", "ImageRecord", "VersionSummary", "count_by_split_role", "pairs_of"]
+__all__ = [
+    "LABEL_ROLE",
+    "DatasetVersionRecord",
+    "ImageRecord",
+    "VersionSummary",
+    "count_by_split_role",
+    "label_of",
+    "pairs_of",
+]
+
+LABEL_ROLE = "label"  # a per-pixel class-id map stored beside a pair (images.role is String(10))
 
 
 @dataclass(frozen=True)
@@ -17,7 +28,7 @@ class ImageRecord:
 
     sha256: str
     split: str  # train | test | unpaired (| val after carve_validation)
-    role: str  # low | high | unpaired
+    role: str  # low | high | label | unpaired
     pair_key: str
     uri: str
     width: int
@@ -47,9 +58,14 @@ class VersionSummary:
 
 @dataclass(frozen=True)
 class DatasetVersionRecord(VersionSummary):
-    """A version with its image records, sorted by (split, pair key, role)."""
+    """A version with its image records, sorted by (split, pair key, role).
+
+    ``label_classes`` names the class ids of its label maps (``classes.json``, id order); empty when the
+    version has none.
+    """
 
     images: tuple[ImageRecord, ...] = ()
+    label_classes: tuple[str, ...] = ()
 
     def records(self, split: str | None = None, role: str | None = None) -> list[ImageRecord]:
         return [
@@ -61,6 +77,31 @@ class DatasetVersionRecord(VersionSummary):
 
     def counts(self) -> dict[str, dict[str, int]]:
         return count_by_split_role((r.split, r.role) for r in self.images)
+
+    @property
+    def has_labels(self) -> bool:
+        return any(r.role == LABEL_ROLE for r in self.images)
+
+    @functools.cached_property
+    def _labels(self) -> dict[tuple[str, str], ImageRecord]:
+        return _labels_by_key(self.images)
+
+    def label_of(self, record: ImageRecord) -> ImageRecord | None:
+        """The label map of ``record``'s pair (same split and pair key), or ``None`` when it has none."""
+        return self._labels.get((record.split, record.pair_key))
+
+    def labelled_pairs(self, split: str) -> list[tuple[ImageRecord, ImageRecord, ImageRecord | None]]:
+        """(low, high, label or ``None``) of ``split``, in :meth:`pairs` order."""
+        return [(low, high, self.label_of(low)) for low, high in self.pairs(split)]
+
+
+def _labels_by_key(records: Iterable[ImageRecord]) -> dict[tuple[str, str], ImageRecord]:
+    return {(r.split, r.pair_key): r for r in records if r.role == LABEL_ROLE}
+
+
+def label_of(records: Iterable[ImageRecord], record: ImageRecord) -> ImageRecord | None:
+    """The label record sharing ``record``'s split and pair key (a carved ``val`` pair keeps its label)."""
+    return _labels_by_key(records).get((record.split, record.pair_key))
 
 
 def pairs_of(records: Iterable[ImageRecord], split: str) -> list[tuple[ImageRecord, ImageRecord]]:

@@ -37,6 +37,7 @@ __all__ = [
     "PairedImageDataset",
     "apply_geometry",
     "carve_validation",
+    "load_label",
     "load_rgb",
 ]
 
@@ -56,6 +57,23 @@ def load_rgb(record: ImageRecord) -> np.ndarray:
     data = read_uri(record.uri, sha256=record.sha256)
     with Image.open(io.BytesIO(data)) as img:
         return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_label(record: ImageRecord) -> np.ndarray:
+    """Read a label map through storage, verify its sha256, return its class ids as uint8 (H, W).
+
+    Ingest admits only single-channel 8-bit maps (mode L, or P whose indices are the ids), so the raw
+    values are the ids: nothing is converted.
+    """
+    from components.storage import read_uri
+
+    data = read_uri(record.uri, sha256=record.sha256)
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode not in ("L", "P"):
+            raise ValueError(
+                f"label map {record.rel_path or record.uri} is mode {img.mode}, not 8-bit class ids"
+            )
+        return np.array(img, dtype=np.uint8)
 
 
 def apply_geometry(

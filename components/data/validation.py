@@ -6,6 +6,13 @@ Per file: ``symlink``, ``special-file`` (device, FIFO, socket), ``outside-source
 and for paired layouts ``unpaired-leftover`` (no valid partner) and ``size-mismatch`` (both quarantined).
 A valid file is never dropped: it is either returned as valid or quarantined with a reason and detail.
 
+Label maps (role ``label``, see :mod:`components.data.layouts`) are checked after their pair: a label map
+whose pair was quarantined is an ``unpaired-leftover``; one that is not a lossless single-channel 8-bit
+image is a ``bad-label``; one whose size differs from its low image a ``size-mismatch``; one holding class
+ids that ``classes.json`` does not name an ``unknown-class``; and all of them are ``label-classes`` when
+``classes.json`` is missing or malformed. A bad label map is quarantined alone: its pair is kept, so
+labels never cost an image. Identical label maps are not duplicates (two scenes may share a layout).
+
 Reading is the last line of defence against hostile trees, whatever the scan saw: a file is opened only
 when every component of its path below the source root is a real folder and the file itself is a regular
 file (``O_NOFOLLOW``, ``O_NONBLOCK`` so a FIFO swapped in cannot hang us, then ``fstat``). Memory stays
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import stat
 import threading
@@ -29,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from components.data.layouts import Entry, LayoutScan
+from components.data.layouts import CLASSES_FILE, LABEL_ROLE, Entry, LayoutScan
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -69,7 +78,14 @@ REASONS: tuple[str, ...] = (
     "too-large",
     "duplicate-member",
     "non-utf8-name",
+    "bad-label",
+    "unknown-class",
+    "label-classes",
 )
+# Label maps hold class ids: single-channel 8-bit (palette indices count as ids) and losslessly stored.
+LABEL_MODES: frozenset[str] = frozenset({"L", "P"})
+LABEL_FORMATS: frozenset[str] = frozenset({"PNG", "BMP", "TIFF", "PPM"})
+_MAX_CLASSES_BYTES = 1 << 20
 _FORMAT_EXT = {
     "PNG": "png",
     "JPEG": "jpg",
@@ -157,6 +173,8 @@ class QuarantineRecord:
 class ValidationResult:
     valid: list[ValidatedEntry] = field(default_factory=list)
     quarantined: list[QuarantineRecord] = field(default_factory=list)
+    # Class names of the label maps (``classes.json``, id order); empty when no label map is valid.
+    label_classes: tuple[str, ...] = ()
 
 
 def resolve_limits(max_pixels: int | None, max_bytes: int | None) -> tuple[int, int]:
@@ -450,14 +468,21 @@ def validate_scan(
         if progress is not None:
             progress(done)
 
-    good = _drop_duplicates(good, result.quarantined)
+    labels = [v for v in good if v.entry.role == LABEL_ROLE]
+    good = _drop_duplicates([v for v in good if v.entry.role != LABEL_ROLE], result.quarantined)
     if scan.paired:
         entry_of = {e.rel_path: e for e in [*files, *(lo.entry for lo in refused)]}
         bad_partner: dict[tuple[str, str], QuarantineRecord] = {}
         for q in result.quarantined:
             e = entry_of[q.rel_path]
-            bad_partner.setdefault((e.split, e.pair_key), q)
+            if e.role != LABEL_ROLE:  # a bad label map is never the reason a pair breaks
+                bad_partner.setdefault((e.split, e.pair_key), q)
         good = _check_pairs(good, result.quarantined, bad_partner)
+    if labels:
+        classes = read_label_classes(scan)
+        kept = _check_labels(scan, labels, good, classes, result.quarantined, max_bytes)
+        result.label_classes = classes if isinstance(classes, tuple) and kept else ()
+        good += kept
     result.valid = sorted(good, key=lambda v: v.entry.rel_path)
     result.quarantined.sort(key=lambda q: (q.rel_path, q.reason))
     return result
@@ -517,3 +542,98 @@ def _check_pairs(
             continue
         kept.extend((low, high))
     return kept
+
+
+# --------------------------------------------------------------------------------------------- label maps
+def read_label_classes(scan: LayoutScan) -> tuple[str, ...] | str:
+    """The class names of ``scan``'s ``classes.json`` in id order, or why they cannot be used (a str)."""
+    where = "at the dataset root (beside our485/ and eval15/)"
+    if not scan.classes_file:
+        return f"no {CLASSES_FILE} {where} names the class ids; add one listing the class names in id order"
+    try:
+        with open_source_file(scan.root, scan.classes_file) as f:
+            data = f.read(_MAX_CLASSES_BYTES + 1)
+    except (InvalidImage, OSError) as exc:
+        return f"{scan.classes_file} cannot be read ({exc}); make it a regular readable file {where}"
+    try:
+        names = json.loads(data) if len(data) <= _MAX_CLASSES_BYTES else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{scan.classes_file} is not valid JSON ({exc}); write a JSON list of class names"
+    ok = isinstance(names, list) and 0 < len(names) <= 256 and all(isinstance(n, str) and n for n in names)
+    if not ok or len(set(names)) != len(names):
+        return (
+            f"{scan.classes_file} must be a JSON list of 1 to 256 distinct, non-empty class names "
+            '(id order, e.g. ["sky", "road"])'
+        )
+    return tuple(names)
+
+
+def _check_labels(
+    scan: LayoutScan,
+    labels: list[ValidatedEntry],
+    pairs: list[ValidatedEntry],
+    classes: tuple[str, ...] | str,
+    quarantined: list[QuarantineRecord],
+    max_bytes: int,
+) -> list[ValidatedEntry]:
+    """The label maps that belong to a kept pair and pass :func:`_label_problem`; the rest are quarantined."""
+    low_of = {(v.entry.split, v.entry.pair_key): v for v in pairs if v.entry.role == "low"}
+    kept: list[ValidatedEntry] = []
+    for label in labels:
+        low = low_of.get((label.entry.split, label.entry.pair_key))
+        if low is None:
+            detail = "its low/high pair was quarantined (see their entries), so the label map has no image"
+            problem: tuple[str, str] | None = ("unpaired-leftover", detail)
+        elif isinstance(classes, str):
+            problem = ("label-classes", f"cannot check {label.entry.rel_path}: {classes}")
+        else:
+            try:
+                problem = _label_problem(scan, label, low, len(classes), max_bytes)
+            except InvalidImage as exc:
+                problem = (exc.reason, exc.detail)
+            except OSError as exc:
+                problem = ("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
+        if problem is None:
+            kept.append(label)
+        else:
+            quarantined.append(QuarantineRecord(label.entry.rel_path, *problem, label.info.sha256))
+    return kept
+
+
+def _label_problem(
+    scan: LayoutScan, label: ValidatedEntry, low: ValidatedEntry, n_classes: int, max_bytes: int
+) -> tuple[str, str] | None:
+    """(reason, one-line detail with the fix) of a label map that cannot be used, else ``None``."""
+    rel, info = label.entry.rel_path, label.info
+    if info.mode not in LABEL_MODES or info.format not in LABEL_FORMATS:
+        return (
+            "bad-label",
+            f"label map {rel} is {info.format} mode {info.mode}; save class ids as a single-channel 8-bit "
+            "PNG (mode L)",
+        )
+    if (info.width, info.height) != (low.info.width, low.info.height):
+        return (
+            "size-mismatch",
+            f"label map {rel} is {info.width}x{info.height} but its low image {low.entry.rel_path} is "
+            f"{low.info.width}x{low.info.height}; make the label map the size of its image",
+        )
+    ids = _class_ids(scan, label, max_bytes)
+    unknown = ids[ids >= n_classes]
+    if unknown.size:
+        shown = ", ".join(str(int(i)) for i in unknown[:8])
+        return (
+            "unknown-class",
+            f"label map {rel} has class ids {shown} but {scan.classes_file} names {n_classes} classes "
+            f"(ids 0-{n_classes - 1}); fix the map or add the class names to {scan.classes_file}",
+        )
+    return None
+
+
+def _class_ids(scan: LayoutScan, label: ValidatedEntry, max_bytes: int) -> np.ndarray:
+    """The distinct ids of a label map, decoded from bytes that still hash to what validation saw."""
+    with open_source_file(scan.root, label.entry.rel_path) as f:
+        data = f.read(max_bytes + 1)
+    if hashlib.sha256(data).hexdigest() != label.info.sha256:
+        raise InvalidImage("unreadable", f"{label.entry.rel_path} changed during validation; retry")
+    with _strict_pillow(), Image.open(io.BytesIO(data)) as img:
+        return np.unique(np.asarray(img))
