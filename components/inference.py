@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from components.baselines import get_family
 from components.checkpoints import load_strict
 from components.errors import SKFError
 from components.registry import create, resolved_spec
-from components.skb import Priors, SemanticKnowledgeBank
+from components.skb import Priors, SemanticKnowledgeBank, needs_labels
 
 log = logging.getLogger(__name__)
 
@@ -182,20 +183,38 @@ class Enhancer(nn.Module):
         skb = dict(self.skb.model.state_dict()) if self.skb is not None else None
         return net, skb
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x``: (B, 3, H, W) float in [0, 1], any H, W. Returns the enhanced batch, clamped to [0, 1]."""
+    @property
+    def needs_labels(self) -> bool:
+        """Whether the SKB makes its priors from label maps (the oracle): ``forward`` then needs ``labels``."""
+        return self.skb is not None and needs_labels(self.skb)
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """``x``: (B, 3, H, W) float in [0, 1], any H, W. Returns the enhanced batch, clamped to [0, 1].
+
+        ``labels`` (B, H, W) class ids feed an SKB made from label maps (benchmarks only); others ignore it.
+        """
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
             raise ValueError(
                 f"Enhancer expects a float (B, 3, H, W) batch in [0, 1]; got {x.dtype} {tuple(x.shape)}"
             )
-        priors_for = self._priors if self.skb is not None else None
+        if self.needs_labels and labels is None:
+            raise EnhancerSpecError(
+                f"the SKB {self.spec.skb} makes its priors from ground-truth label maps: pass labels=(B, H, W); "
+                "such an enhancer exists for benchmarks and cannot enhance unlabelled images"
+            )
+        priors_for = None
+        if self.skb is not None:
+            priors_for = functools.partial(self._priors, labels=labels if self.needs_labels else None)
         out = self.family.enhance(self.net, x, priors_for, two_pass=self.spec.two_pass)
         return out.clamp(0.0, 1.0)
 
-    def _priors(self, stage: str, image: Tensor) -> Priors:
+    def _priors(self, stage: str, image: Tensor, labels: Tensor | None = None) -> Priors:
         """Priors of ``image`` from the enhancer's SKB, whatever the stage (the released test flows)."""
         assert self.skb is not None
-        return self.skb(image, grad=torch.is_grad_enabled() and image.requires_grad)
+        grad = torch.is_grad_enabled() and image.requires_grad
+        if labels is not None:
+            return self.skb(image, labels=labels.to(image.device), grad=grad)
+        return self.skb(image, grad=grad)
 
     def extra_repr(self) -> str:
         return f"baseline={self.spec.baseline}, skf={self.spec.skf}, skb={self.spec.skb}, two_pass={self.spec.two_pass}"

@@ -34,7 +34,7 @@ from components.data.records import DatasetVersionRecord, ImageRecord
 from components.errors import SKFError
 from components.prior_cache import CacheEntry, PriorCache
 from components.progress import ProgressCallback
-from components.skb import Priors
+from components.skb import Priors, needs_labels
 from components.storage import Storage, StorageError, open_storage
 
 log = logging.getLogger(__name__)
@@ -140,11 +140,6 @@ def select_images(records: Sequence[ImageRecord], splits: Sequence[str]) -> list
         if r.split in splits and r.role in SKB_INPUT_ROLES:
             unique.setdefault(r.sha256, r)
     return list(unique.values())
-
-
-def needs_labels(skb: Any) -> bool:
-    """Whether ``skb`` makes its priors from label maps (``skb(x, labels=...)``), like the oracle SKB."""
-    return bool(getattr(skb, "needs_labels", False))
 
 
 def label_records(

@@ -22,6 +22,7 @@ _SPEC_RE = re.compile(r"^(?P<kind>[a-z][a-z0-9_-]*)/(?P<name>[a-z0-9][a-z0-9_.-]
 BUILTIN_MODULES: tuple[str, ...] = (
     "components.skb",
     "components.skb_oracle",
+    "components.segmenter.skb",
     "components.se",
     "components.losses",
     "components.baselines",

@@ -54,6 +54,11 @@ RANDOM_INIT_SCHEME = "kaiming"
 _warned_random: set[str] = set()
 
 
+def needs_labels(skb: Any) -> bool:
+    """Whether ``skb`` makes its priors from label maps (``skb(x, labels=...)``), like the oracle SKB."""
+    return bool(getattr(skb, "needs_labels", False))
+
+
 # --------------------------------------------------------------------------------------------------
 # Priors container
 # --------------------------------------------------------------------------------------------------

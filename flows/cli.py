@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.commands.weights",
     "flows.commands.serving",
     "flows.commands.pipeline",
+    "flows.commands.segmenter",
 )
 
 

@@ -169,10 +169,23 @@ def test_a_swapped_se_variant_is_recorded_and_rebuilt(skb: Any, tmp_path: Path) 
     assert rebuilt.net.state_dict().keys() == routine.net.state_dict().keys()
 
 
+def _skb_kwargs(spec: str, tmp_path: Path) -> dict[str, Any]:
+    """What building ``spec`` needs: the trained-segmenter SKB takes a package (random weights will do)."""
+    from components.segmenter import SCENE_SEGMENTER_SPEC
+
+    if spec != SCENE_SEGMENTER_SPEC:
+        return {}
+    from components.segmenter.package import save_segmenter
+    from components.segmenter.training import new_model
+
+    meta = {"classes": ["a", "b"], "input_transform": "linear"}
+    return {"checkpoint": str(save_segmenter(new_model(0), tmp_path / "segmenter", meta).directory)}
+
+
 @pytest.mark.parametrize("spec", sorted(e.key for e in registry.entries("skb")))
-def test_every_skb_yields_priors_of_the_documented_shapes(spec: str) -> None:
+def test_every_skb_yields_priors_of_the_documented_shapes(spec: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    skb = create(spec, device="cpu")
+    skb = create(spec, device="cpu", **_skb_kwargs(spec, tmp_path))
     h, w = 36, 52
     x = torch.rand(2, 3, h, w)
     with torch.no_grad():  # an oracle SKB makes its priors from a label map instead of the image

@@ -58,7 +58,10 @@ class DRBNRoutine(BaselineRoutine):
         if not self.skf.se:
             return None
         if self.skf.skb_input == "intermediate":  # segment r₃ with gradients to it (weights frozen)
-            return lambda r3: self.family.sem_inputs(self._run_skb(r3, grad=True), r3.shape[-2:])
+            labels = batch.get("labels")
+            return lambda r3: self.family.sem_inputs(
+                self._run_skb(r3, grad=True, labels=labels), r3.shape[-2:]
+            )
         priors = cached if cached is not None else self.fixed_priors(batch)
         return self.family.sem_inputs(priors, batch["low"].shape[-2:])
 
@@ -74,7 +77,7 @@ class DRBNRoutine(BaselineRoutine):
         metrics: dict[str, Tensor] = {}
         out_priors = cached
         if (self.sch is not None or self.sa is not None) and cached is None:
-            out_priors = self._run_skb(fake, grad=True)
+            out_priors = self._run_skb(fake, grad=True, labels=batch.get("labels"))
 
         if self.sa is not None:
             assert out_priors is not None
@@ -83,7 +86,7 @@ class DRBNRoutine(BaselineRoutine):
             probs = out_priors.probabilities(size)
             real_probs = None
             if not self.sa.official_compat and cached is None:
-                real_probs = self._run_skb(high, grad=False).probabilities(size)
+                real_probs = self._run_skb(high, grad=False, labels=batch.get("labels")).probabilities(size)
             d_out = self.sa.discriminator_loss(fake, high, probs, real_probs)
             # Official-compat D loss is not detached from G, so keep that graph for the G backward.
             ctx.backward_step(d_out.loss, "disc", name="sa_d", retain_graph=self.sa.official_compat)
@@ -112,17 +115,17 @@ class DRBNRoutine(BaselineRoutine):
 
         def priors_for(stage: str, image: Tensor) -> Priors:
             if self.skf.skb_input == "intermediate":
-                return self._run_skb(image, grad=False)
+                return self._run_skb(image, grad=False, labels=(batch or {}).get("labels"))
             return self.test_priors(batch or {"low": low})
 
         return self.family.enhance(self.net, low, priors_for)
 
     def validate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        pred = self.enhance(batch["low"])
+        pred = self.enhance(batch["low"], batch)
         return {"psnr": psnr(pred, batch["high"]), "ssim": ssim(pred.float().clamp(0, 1), batch["high"])}
 
     def sample_images(self, batch: Mapping[str, Any]) -> Tensor:
-        return sample_grid((batch["low"], self.enhance(batch["low"]), batch["high"]))
+        return sample_grid((batch["low"], self.enhance(batch["low"], batch), batch["high"]))
 
 
 @register_family

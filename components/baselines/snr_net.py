@@ -57,7 +57,7 @@ class SNRRoutine(BaselineRoutine):
 
         def priors_for(stage: str, image: Tensor) -> Priors:
             if stage == "output":
-                return self._run_skb(image.clamp(0, 1), grad=False)
+                return self._run_skb(image.clamp(0, 1), grad=False, labels=(batch or {}).get("labels"))
             return self.test_priors(batch or {"low": low})
 
         two_pass = self.skf.two_pass_test and self.skb is not None

@@ -37,6 +37,7 @@ __all__ = [
     "PairedImageDataset",
     "apply_geometry",
     "carve_validation",
+    "label_loader",
     "load_label",
     "load_rgb",
 ]
@@ -74,6 +75,22 @@ def load_label(record: ImageRecord) -> np.ndarray:
                 f"label map {record.rel_path or record.uri} is mode {img.mode}, not 8-bit class ids"
             )
         return np.array(img, dtype=np.uint8)
+
+
+def label_loader(version: DatasetVersionRecord) -> Callable[[str], np.ndarray]:
+    """``low image sha256 -> its label map`` for ``version`` (the ``labels_of`` of :class:`PairedImageDataset`)."""
+    by_sha = {r.sha256: version.label_of(r) for r in version.images if r.role == "low"}
+
+    def load(sha256: str) -> np.ndarray:
+        record = by_sha.get(sha256)
+        if record is None:
+            raise ValueError(
+                f"low image {sha256[:12]} of {version.ref} has no label map: ingest a labelled source "
+                "(labels/ beside low/ and high/, and classes.json) to train with a label-fed SKB"
+            )
+        return load_label(record)
+
+    return load
 
 
 def apply_geometry(
@@ -146,6 +163,7 @@ class PairedImageDataset(Dataset):
         priors_loader: PriorsForCrop | None = None,
         cache: bool = False,
         catalog: Any = None,
+        labels_of: Callable[[str], np.ndarray] | None = None,
     ) -> None:
         self.pairs = pairs_of(_as_records(source, catalog), split)
         if not self.pairs:
@@ -161,10 +179,13 @@ class PairedImageDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.extra_targets = dict(extra_targets or {})
-        clash = set(self.extra_targets) & {"image", "high", "mask", "low", "key", "crop", "flip"}
+        clash = set(self.extra_targets) & {"image", "high", "mask", "low", "key", "crop", "flip", "labels"}
         if clash:
             raise ValueError(f"extra target names {sorted(clash)} collide with sample keys; rename them")
         self.priors_loader = priors_loader
+        #: low image sha256 -> its (H, W) uint8 label map; samples then carry ``labels`` (int64, cropped and
+        #: flipped with the images) for an SKB made from label maps (the oracle)
+        self.labels_of = labels_of
         self._cache: dict[str, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -210,6 +231,8 @@ class PairedImageDataset(Dataset):
         if low.shape != high.shape:
             raise ValueError(f"{low_rec.uri} and {high_rec.uri} differ in size: {low.shape} vs {high.shape}")
         extras = {name: fn(low_rec.sha256) for name, fn in self.extra_targets.items()}
+        if self.labels_of is not None:
+            extras["labels"] = self.labels_of(low_rec.sha256)
         for name, arr in extras.items():
             if arr.shape[:2] != low.shape[:2]:
                 raise ValueError(
@@ -242,7 +265,9 @@ class PairedImageDataset(Dataset):
             "crop": crop,
             "flip": flip,
         }
-        sample.update({name: _to_tensor(out[name]) for name in extras})
+        sample.update({name: _to_tensor(out[name]) for name in extras if name != "labels"})
+        if "labels" in extras:
+            sample["labels"] = torch.from_numpy(np.ascontiguousarray(out["labels"])).long()
         if self.priors_loader is not None:
             sample.update(self.priors_loader(low_rec.sha256, crop, flip))
         return sample

@@ -119,14 +119,33 @@ def _enhance(
     images: Sequence[torch.Tensor],
     device: torch.device,
     progress: ProgressCallback | None = None,
+    labels: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """One image at a time (sizes differ across sets); ``progress(done, total)`` after each."""
+    """One image at a time (sizes differ across sets); ``progress(done, total)`` after each. ``labels``
+    (one (H, W) map per image) feed an enhancer whose SKB is made from label maps (the oracle)."""
     outs = []
-    for x in images:
-        outs.append(enhancer(x.unsqueeze(0).to(device))[0].float().cpu())
+    for i, x in enumerate(images):
+        extra = {} if labels is None else {"labels": labels[i].unsqueeze(0).to(device)}
+        outs.append(enhancer(x.unsqueeze(0).to(device), **extra)[0].float().cpu())
         if progress is not None:
             progress(len(outs), len(images))
     return outs
+
+
+def _labels_for(enhancer: Any, version: Any, lows: Sequence[Any]) -> list[torch.Tensor] | None:
+    """The test pairs' label maps when the enhancer's SKB needs them (else ``None``); missing ones are an error."""
+    if not getattr(enhancer, "needs_labels", False):
+        return None
+    from components.data.torch_dataset import load_label
+
+    records = [version.label_of(low) for low in lows]
+    missing = [low.pair_key for low, rec in zip(lows, records, strict=True) if rec is None]
+    if missing:
+        raise UserInputError(
+            f"the model's SKB makes its priors from label maps, but {version.ref} has none for "
+            f"{len(missing)} test pair(s) (e.g. {missing[0]!r}); evaluate it on a labelled dataset version"
+        )
+    return [torch.from_numpy(load_label(rec)).long() for rec in records]
 
 
 def eval_key(protocol: str, version_ref: str, unpaired: Sequence[str]) -> str:
@@ -230,7 +249,13 @@ def _score(
 
     lows = [_tensor(low, version.ref) for low, _ in pairs]
     highs = [_tensor(high, version.ref) for _, high in pairs]
-    outs = _enhance(enhancer, lows, dev, step)
+    if getattr(enhancer, "needs_labels", False) and inputs.unpaired:
+        raise UserInputError(
+            "the model's SKB makes its priors from ground-truth label maps: it cannot enhance the unpaired "
+            "(unlabelled) sets; evaluate it without --unpaired"
+        )
+    labels = _labels_for(enhancer, version, [low for low, _ in pairs])
+    outs = _enhance(enhancer, lows, dev, step, labels)
     offset[0] = len(pairs)
     log(f"enhanced {len(outs)} test images of {version.ref} with {inputs.ref.uri}")
     names = [low.pair_key for low, _ in pairs]

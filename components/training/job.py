@@ -144,17 +144,21 @@ def ensure_priors(version_ref: str, skb: Any, splits: tuple[str, ...] = ("train"
         )
 
 
-def _datasets(version: Any, plan: TrainingPlan) -> tuple[Any, Any]:
+def _datasets(version: Any, plan: TrainingPlan, labelled: bool = False) -> tuple[Any, Any]:
+    """Train set and validation loader; ``labelled``: samples carry their label maps (a label-fed SKB)."""
     from torch.utils.data import DataLoader
 
-    from components.data.torch_dataset import PairedImageDataset, carve_validation
+    from components.data.torch_dataset import PairedImageDataset, carve_validation, label_loader
 
     seed, val_fraction = plan.recipe.train.seed, plan.val_fraction
     records = carve_validation(version, val_fraction, seed=seed) if val_fraction > 0 else list(version.images)
-    train_ds = PairedImageDataset(records, "train", crop=plan.recipe.train.crop, augment=True, seed=seed)
+    labels_of = label_loader(version) if labelled else None
+    train_ds = PairedImageDataset(
+        records, "train", crop=plan.recipe.train.crop, augment=True, seed=seed, labels_of=labels_of
+    )
     if val_fraction <= 0:
         return train_ds, None
-    val_ds = PairedImageDataset(records, "val", crop=None, augment=False, seed=seed)
+    val_ds = PairedImageDataset(records, "val", crop=None, augment=False, seed=seed, labels_of=labels_of)
     return train_ds, DataLoader(val_ds, batch_size=1, shuffle=False)
 
 
@@ -275,10 +279,10 @@ def _record_failure(catalog: Any, row_id: int, holder: str, logger: Any, status:
         _log.warning("could not mark MLflow run %s %s: %s", logger.run_id, status, exc)
 
 
-def _datasets_for(version: Any, plan: TrainingPlan) -> tuple[Any, Any]:
+def _datasets_for(version: Any, plan: TrainingPlan, labelled: bool = False) -> tuple[Any, Any]:
     """:func:`_datasets`, with a dataset that cannot be trained on reported as a one-line user error."""
     try:
-        return _datasets(version, plan)
+        return _datasets(version, plan, labelled)
     except ValueError as exc:
         if isinstance(exc, SKFError):
             raise
@@ -326,6 +330,7 @@ def _fit(job: _Job, logger: Any, run_dir: Path, on_progress: Callable[[Any], Non
     """Priors, datasets, the training loop and the enhancer package: everything that may fail."""
     from components.prior_cache import PriorCache
     from components.settings import get_settings
+    from components.skb import needs_labels
     from components.storage import open_storage
     from components.training.routines import train
 
@@ -334,7 +339,7 @@ def _fit(job: _Job, logger: Any, run_dir: Path, on_progress: Callable[[Any], Non
     if skb is not None and plan.recipe.skf.skb_mode == "cached":
         ensure_priors(version.ref, skb)
         cache = PriorCache(open_storage(get_settings().storage_uri), job.catalog, skb.fingerprint)
-    train_ds, val_loader = _datasets_for(version, plan)
+    train_ds, val_loader = _datasets_for(version, plan, labelled=needs_labels(skb))
     fit = train(
         plan.recipe,
         train_ds,

@@ -28,7 +28,7 @@ from components.baseline_losses import build_baseline_loss
 from components.errors import SKFError
 from components.recipes import OptimizerConfig, Recipe, SchedulerConfig
 from components.registry import create, resolved_spec
-from components.skb import Priors
+from components.skb import Priors, needs_labels
 from components.training.engine import FitResult, Progress, Trainer, TrainerConfig, select_device
 from components.training.loggers import RunLogger
 
@@ -171,13 +171,21 @@ class BaselineRoutine:
                 total = total + weight * loss(outputs, target).float()
         return total
 
-    def _run_skb(self, image: Tensor, *, grad: bool) -> Priors:
+    def _run_skb(self, image: Tensor, *, grad: bool, labels: Tensor | None = None) -> Priors:
+        """The SKB on ``image``; an SKB made from label maps (the oracle) gets the batch's ``labels``."""
         if self.skb is None:
             raise TrainingSetupError(
                 f"recipe {self.recipe.name!r} runs the SKB online but no SKB was given: pass "
                 "skb=create('skb/hrnet-w48-pascal@1', checkpoint=...)"
             )
-        return self.skb(image, grad=grad).to(image.device)
+        if not needs_labels(self.skb):
+            return self.skb(image, grad=grad).to(image.device)
+        if labels is None:
+            raise TrainingSetupError(
+                f"SKB {getattr(self.skb, 'spec', '?')} makes its priors from label maps, but the batch has no "
+                "'labels': train on a labelled dataset version (ingest a source with labels/ and classes.json)"
+            )
+        return self.skb(image, labels=labels.to(image.device), grad=grad).to(image.device)
 
     def _batch_priors(self, batch: Mapping[str, Any]) -> Priors:
         maps = batch.get("priors")
@@ -194,12 +202,12 @@ class BaselineRoutine:
         if self.skf.skb_mode == "cached":
             return self._batch_priors(batch)
         image = batch["high"] if self.skf.skb_input == "gt" else batch["low"]
-        return self._run_skb(image, grad=False)
+        return self._run_skb(image, grad=False, labels=batch.get("labels"))
 
     def test_priors(self, batch: Mapping[str, Any]) -> Priors:
         """Priors at evaluation time: always of the low-light input (online when an SKB is present)."""
         if self.skb is not None:
-            return self._run_skb(batch["low"], grad=False)
+            return self._run_skb(batch["low"], grad=False, labels=batch.get("labels"))
         return self._batch_priors(batch)
 
 
