@@ -145,7 +145,11 @@ def learning_plan(
     """The training plan of ``family`` x ``variant`` at ``budget`` (its smallest network, cached priors)."""
     from components.training.plan import plan
 
-    overrides = {**budget.overrides(), **{f"model.{k}": v for k, v in family.smoke_model.items()}}
+    overrides = {
+        **budget.overrides(),
+        **{f"model.{k}": v for k, v in family.smoke_model.items()},
+        **family.smoke_recipe,
+    }
     if variant == "plain":
         return plan(
             baseline=family.spec, recipe=family.name, skb="off", overrides={**overrides, **(extra or {})}

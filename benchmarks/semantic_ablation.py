@@ -159,7 +159,11 @@ def arm_plan(family: Any, arm: Arm, budget: Budget, extra: Mapping[str, Any] | N
     """The training plan of one arm: the family's smallest network, cached priors of the low-light input."""
     from components.training.plan import plan
 
-    overrides = {**budget.overrides(), **{f"model.{k}": v for k, v in family.smoke_model.items()}}
+    overrides = {
+        **budget.overrides(),
+        **{f"model.{k}": v for k, v in family.smoke_model.items()},
+        **family.smoke_recipe,
+    }
     if arm.skb is None:
         return plan(
             baseline=family.spec, recipe=family.name, skb="off", overrides={**overrides, **(extra or {})}

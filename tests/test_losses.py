@@ -524,3 +524,18 @@ def test_native_bf16_is_false_where_bf16_would_be_emulated():
     assert losses_module.native_bf16(torch.device("meta")) is False
     if not torch.cuda.is_available():
         assert losses_module.native_bf16(torch.device("cuda")) is False
+
+
+def test_ssim_scores_a_negated_image_as_well_as_the_image():
+    """Why DRBN's smallest network gets a Charbonnier anchor in the learning benchmark (docs/method.md §6.1)."""
+    from components.baseline_losses import CharbonnierLoss, ssim
+    from components.baselines import get_family
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(2, 3, 32, 32, generator=g) * 0.6 + 0.2
+    # on texture the released SSIM loss can hardly tell a negated image from the image itself
+    assert ssim(-y, y) > 0.95 and ssim(y, y) > 0.999
+    anchor = CharbonnierLoss(reduction="mean")
+    assert anchor(-y, y) > 0.5 > 1e-2 > anchor(y, y)
+    recipe = get_family("baseline/drbn@1").smoke_recipe
+    assert recipe["losses.charbonnier"]["params"]["reduction"] == "mean"
