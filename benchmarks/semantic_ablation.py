@@ -16,7 +16,7 @@ Every model goes through the real jobs (ingest with label maps, cached priors, `
 ``run_evaluation``); the report adds the per-class colour error (mean CIEDE2000 ΔE per class, test split)
 beside PSNR/SSIM, for the models and for the classic references.
 
-    python benchmarks/semantic_ablation.py --write-results
+    python benchmarks/semantic_ablation.py --train-segmenter 300 --write-results
     python benchmarks/semantic_ablation.py --families snr-net --steps 800 --trained-skb models:/skf-scene-segmenter@challenger
 """
 
@@ -304,6 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--trained-skb", help="models:/... URI (or path) of the segmenter from `skf train-skb`"
     )
+    parser.add_argument(
+        "--train-segmenter",
+        type=int,
+        metavar="STEPS",
+        help="train (or reuse) the scene segmenter on the scenes first, for the 'trained' rows",
+    )
     parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (JSON value)")
     parser.add_argument("--home", default=str(ROOT / ".skf-learning"), help="SKF_HOME of the runs")
     parser.add_argument("--threads", type=int, default=2)
@@ -325,10 +331,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
     version_ref = prepare_scenes(args.train_scenes, args.test_scenes)
     test_set = _test_set(version_ref)
+    trained_skb = args.trained_skb
+    if args.train_segmenter:
+        from components.segmenter.job import make_config, run_segmenter_training
+
+        seg = run_segmenter_training(
+            version_ref, make_config(steps=args.train_segmenter), log=lambda _m: None
+        )
+        trained_skb = seg.checkpoint
+        print(
+            f"segmenter {seg.status}: {trained_skb}, test mIoU {seg.metrics.get('test/miou', float('nan')):.3f}"
+        )
     wanted = {a for a in args.arms.split(",") if a}
     results = []
     for family in (get_family(n) for n in args.families.split(",") if n):
-        for arm in arms(family, args.trained_skb):
+        for arm in arms(family, trained_skb):
             if wanted and arm.name not in wanted:
                 continue
             if arm.skb is not None:

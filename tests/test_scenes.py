@@ -135,3 +135,22 @@ def test_overwrite_replaces_the_previous_dataset(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "our485" / "labels").iterdir()) == ["scene-0000.png"]
     fresh = generate_scene_dataset(tmp_path / "fresh", seed=2, size=SIZE, train=1, test=1)
     assert _hashes(out) == _hashes(fresh)
+
+
+def test_scene_data_command_writes_scenes_and_refuses_zero_images(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    done = runner.invoke(
+        app,
+        ["scene-data", str(tmp_path / "s"), "--train", "2", "--test", "1", "--height", "64", "--width", "64"],
+    )
+    assert done.exit_code == 0, done.output
+    assert "wrote 2 train and 1 test labelled scenes" in done.output
+    assert len(list((tmp_path / "s" / "our485" / "labels").iterdir())) == 2
+    refused = runner.invoke(app, ["scene-data", str(tmp_path / "t"), "--train", "0"])
+    assert refused.exit_code != 0 and not (tmp_path / "t" / "our485").exists()
+    # the CLI boundary (flows.cli.main) prints this UserInputError as its one `error:` line
+    assert "at least one train and one test scene, got train=0" in str(refused.exception)
