@@ -196,6 +196,27 @@ def test_invalid_flow_parameters_fail_before_any_work(
     assert not (skf_home / "demo-data").exists()
 
 
+def _assert_results_are_visible(result: dict[str, Any]) -> None:
+    """The evaluation carries the reference rows and the headline, and its labelled grid is a Prefect image
+    artifact and a keyed MLflow image (what a person looks at first)."""
+    from mlflow import MlflowClient
+    from prefect.artifacts import Artifact
+
+    from components.settings import get_settings
+    from flows.evaluate import _key
+
+    ev = result["evaluate"]
+    assert set(ev["references"]) == {"input", "gamma", "clahe", "hist-eq"}
+    assert ev["headline"].startswith("PSNR: model ") and "vs best classic" in ev["headline"]
+    assert ev["headline"] in result["summary"] and "reference `gamma`" in result["summary"]
+    key = _key(f"eval-{ev['run_id'][:8]}-{ev['protocol']}-{ev['dataset_version']}") + "-grid"
+    artifact = Artifact.get(key)
+    assert artifact is not None and artifact.type == "image" and artifact.data == ev["grid_uri"]
+    client = MlflowClient(get_settings().mlflow_tracking_uri)
+    images = [f.path for f in client.list_artifacts(ev["run_id"], "images")]
+    assert any(p.startswith("images/eval-") and p.endswith(".png") for p in images), images
+
+
 @pytest.mark.slow
 def test_rerun_skips_every_stage(
     prefect_harness: None, skf_home: Path, tiny_dataset: Path, work: WorkCounter
@@ -214,6 +235,7 @@ def test_rerun_skips_every_stage(
     assert first["register"]["status"] == "registered" and first["register"]["challenger"]
     assert first["register"]["decision"]["promoted"] is False  # random-init SKB: never promoted
     assert work.train_steps == 4 and work.skb_forwards > 0 and work.registrations == 1
+    _assert_results_are_visible(first)
 
     work.reset()
     second = skf_train(params=params)

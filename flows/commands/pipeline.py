@@ -243,15 +243,7 @@ def demo_command(
 
     console = Console()
     settings = get_settings()
-    overrides = {}
-    if iterations:  # the demo recipe's one lr step stays at 3/4 of the run
-        steps: dict[str, Any] = {
-            "train.iterations": iterations,
-            "scheduler.milestones": [iterations * 3 // 4],
-        }
-        if iterations < 4:
-            steps.update({"scheduler.name": "constant", "scheduler.milestones": None})
-        overrides = {"training": {"overrides": steps}}
+    overrides = {"training": {"overrides": {"train.iterations": iterations}}} if iterations else {}
     params = resolve_params({"preset": "demo", **overrides})
     console.print(f"SKF demo in {settings.home} (catalog, store and MLflow runs live there)")
     result = skf_train(params=params)
