@@ -7,8 +7,9 @@ the same budget as:
 
 * ``plain``: no SKF module;
 * ``random``: SE + SCH with the random W48-lite SKB (what the offline demo has: priors without semantics);
-* ``trained``: SE + SCH with the segmenter trained on the scenes' labels (``--trained-skb URI``: a
-  ``models:/...`` URI of ``skf train-skb``; the row is left out without it);
+* ``trained``: SE + SCH with the segmenter trained on the scenes' labels (``--train-segmenter STEPS`` trains
+  it here, ``--trained-skb URI`` takes one from ``skf train-skb``); ``trained, F-sup``: the same segmenter
+  trained with per-scale class losses on F0-F2, the features SE reads (``feature_supervision``);
 * ``oracle``: SE + SCH with ``skb/oracle-labels@1`` (priors made from the ground-truth label maps);
 * the modules with the oracle: ``oracle SE``, ``oracle SCH``, and for DRBN ``oracle SE+SCH+SA``.
 
@@ -58,11 +59,11 @@ class Arm:
     checkpoint: str | None = None
 
 
-def arms(family: Any, trained_checkpoint: str | None) -> list[Arm]:
-    """The ablation rows for ``family`` (SA only where the family defines it)."""
+def arms(family: Any, trained: Mapping[str, str]) -> list[Arm]:
+    """The ablation rows for ``family`` (SA only where the family defines it); ``trained``: row name ->
+    segmenter checkpoint for the learned-SKB rows."""
     rows = [Arm("plain", None), Arm("random", RANDOM_SKB)]
-    if trained_checkpoint:
-        rows.append(Arm("trained", TRAINED_SKB, checkpoint=trained_checkpoint))
+    rows += [Arm(name, TRAINED_SKB, checkpoint=checkpoint) for name, checkpoint in trained.items()]
     rows += [
         Arm("oracle", ORACLE_SKB),
         Arm("oracle SE", ORACLE_SKB, sch=False),
@@ -331,21 +332,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
     version_ref = prepare_scenes(args.train_scenes, args.test_scenes)
     test_set = _test_set(version_ref)
-    trained_skb = args.trained_skb
+    trained = {"trained": args.trained_skb} if args.trained_skb else {}
     if args.train_segmenter:
         from components.segmenter.job import make_config, run_segmenter_training
 
-        seg = run_segmenter_training(
-            version_ref, make_config(steps=args.train_segmenter), log=lambda _m: None
-        )
-        trained_skb = seg.checkpoint
-        print(
-            f"segmenter {seg.status}: {trained_skb}, test mIoU {seg.metrics.get('test/miou', float('nan')):.3f}"
-        )
+        # the segmenter as a segmenter, and one whose F0-F2 (what SE reads) are trained to carry the classes
+        for name, settings in (("trained", {}), ("trained, F-sup", {"feature_supervision": 1.0})):
+            seg = run_segmenter_training(
+                version_ref, make_config(settings, steps=args.train_segmenter), log=lambda _m: None
+            )
+            trained[name] = seg.checkpoint
+            print(
+                f"segmenter {name} {seg.status}: {seg.checkpoint}, test mIoU {seg.metrics.get('test/miou'):.3f}"
+            )
     wanted = {a for a in args.arms.split(",") if a}
     results = []
     for family in (get_family(n) for n in args.families.split(",") if n):
-        for arm in arms(family, trained_skb):
+        for arm in arms(family, trained):
             if wanted and arm.name not in wanted:
                 continue
             if arm.skb is not None:

@@ -390,3 +390,45 @@ def test_flow_reuses_the_run_and_publishes_the_metrics(
     assert state.is_failed()
     with pytest.raises(SKFError, match="crop"):
         state.result()
+
+
+def _f0_separability(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Between-class over within-class variance of F0 (1/4 res) on ``x``: how much the features say the class."""
+    with torch.no_grad():
+        f0 = model(x).features[0]
+    labels = y[:, ::4, ::4].reshape(-1)
+    feats = f0.permute(0, 2, 3, 1).reshape(-1, f0.shape[1])[: labels.numel()]
+    mean = feats.mean(0)
+    within = between = 0.0
+    for c in labels.unique():
+        part = feats[labels == c]
+        within += float(((part - part.mean(0)) ** 2).sum())
+        between += len(part) * float(((part.mean(0) - mean) ** 2).sum())
+    return between / within
+
+
+def test_feature_supervision_makes_the_se_features_carry_the_classes(
+    trained: SegmenterOutcome, scenes: str
+) -> None:
+    """SE reads F0-F2, not the head's logits: per-scale class losses make those features class-separable,
+    and their training-only probes stay out of the package (same keys as the plain segmenter's)."""
+    supervised = run_segmenter_training(
+        scenes,
+        make_config({**CONFIG.model_dump(), "feature_supervision": 1.0}),
+        device="cpu",
+        register=False,
+        log=lambda _m: None,
+    )
+    assert supervised.config_hash != trained.config_hash
+    plain_state = read_segmenter(_artifact_dir(trained)).state_dict
+    sup_state = read_segmenter(_artifact_dir(supervised)).state_dict
+    assert set(sup_state) == set(plain_state)  # no probe weights in the package
+    x, y = _train_images(scenes)
+    models = []
+    for state in (plain_state, sup_state):
+        model = new_model(0)
+        model.load_state_dict(state)
+        models.append(model.eval())
+    plain, sup = (_f0_separability(m, x, y) for m in models)
+    # measured after these 40 steps: 1.06 plain, 1.61 supervised (the scenes' 300-step run: 2.1 -> see RESULTS)
+    assert sup > 1.25 * plain, (plain, sup)

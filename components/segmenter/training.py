@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from components.segmenter.data import LabelledImages, crop_size, sample_batch
 from components.skb import InputTransform, apply_input_transform, reflect_pad_to_multiple
@@ -54,6 +54,12 @@ class SegmenterConfig(BaseModel):
     val_every: int = Field(100, ge=1, description="Validation every N steps (and at the end).")
     input_transform: InputTransform = Field("linear", description="What the SKB feeds the segmenter.")
     seed: int = Field(0, description="Initial weights, crops and the validation carve.")
+    feature_supervision: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of per-scale class losses on F0, F1, F2 (training-only 1x1 probes): makes the "
+        "features SE reads carry the classes, not only the head's logits.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +147,21 @@ def new_model(seed: int) -> HRNet:
     return model
 
 
+def _feature_probes(model: HRNet, k: int) -> nn.ModuleList:
+    """One 1x1 classifier per SE-facing feature map (F0, F1, F2); trained alongside, never packaged."""
+    return nn.ModuleList(nn.Conv2d(c, k, 1) for c in model.config.stage4.out_channels[:3])
+
+
+def _feature_loss(probes: nn.ModuleList, features: Sequence[Tensor], labels: Tensor) -> Tensor:
+    """Mean cross-entropy of each probe's class scores, upsampled to the crop, against the labels."""
+    size = labels.shape[-2:]
+    losses = [
+        F.cross_entropy(F.interpolate(probe(f), size=size, mode="bilinear", align_corners=False), labels)
+        for probe, f in zip(probes, features, strict=False)
+    ]
+    return torch.stack(losses).mean()
+
+
 def fit(
     config: SegmenterConfig,
     train: LabelledImages,
@@ -153,7 +174,9 @@ def fit(
     """Train a fresh model for ``config.steps`` Adam steps on random crops of ``train``."""
     torch.manual_seed(config.seed)
     model = new_model(config.seed).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    probes = _feature_probes(model, k).to(device) if config.feature_supervision > 0 else None
+    params = [*model.parameters(), *(probes.parameters() if probes is not None else ())]
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, 1.0 - s / config.steps) ** config.lr_power
     )
@@ -165,7 +188,10 @@ def fit(
     for step in range(1, config.steps + 1):
         x, y = sample_batch(train, config.batch_size, crop, generator, config.hflip)
         x, y = apply_input_transform(x.to(device), config.input_transform), y.to(device)
-        loss = F.cross_entropy(upsample_logits(model(x).logits, (crop, crop)), y)
+        out = model(x)
+        loss = F.cross_entropy(upsample_logits(out.logits, (crop, crop)), y)
+        if probes is not None:
+            loss = loss + config.feature_supervision * _feature_loss(probes, out.features, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
