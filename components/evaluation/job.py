@@ -309,8 +309,8 @@ def _reference_metrics(scores: _Scores) -> dict[str, float]:
 
 def _last_step(client: Any, run_id: str) -> int:
     """The step the evaluated weights were trained to (the grid's MLflow image step); 0 if unknown."""
-    metrics = client.get_run(run_id).data.metrics
-    return int(metrics.get("train/step", 0) or 0)
+    value = client.get_run(run_id).data.params.get("recipe.train.iterations", "0")
+    return int(value) if value.isdigit() else 0
 
 
 def _record(client: Any, inputs: _Inputs, protocol: str, scores: _Scores) -> tuple[dict[str, Any], str]:
