@@ -129,7 +129,7 @@ def run_seconds(client: Any, run_id: str) -> float:
     return max(0.0, ((info.end_time or info.start_time) - info.start_time) / 1000.0)
 
 
-def _curve(client: Any, run_id: str) -> list[tuple[int, float, float | None]]:
+def val_curve(client: Any, run_id: str) -> list[tuple[int, float, float | None]]:
     """The validation (step, PSNR, SSIM) points the engine logged."""
     psnrs = {m.step: m.value for m in client.get_metric_history(run_id, "val/psnr")}
     ssims = {m.step: m.value for m in client.get_metric_history(run_id, "val/ssim")}
@@ -192,7 +192,7 @@ def train_and_score(
         run_id=outcome.run_id,
         seconds=run_seconds(mlflow_client(), outcome.run_id),
         val_input_psnr=_input_psnr(version_ref, training_plan),
-        val_curve=_curve(mlflow_client(), outcome.run_id),
+        val_curve=val_curve(mlflow_client(), outcome.run_id),
         test={m: result["metrics"].get(f"{split}/{m}") for m in ("psnr", "ssim")},
         references=result["references"],
         headline=result["headline"],
@@ -220,19 +220,19 @@ def results_markdown(results: Sequence[LearningResult], budget: Budget, command:
         curve = " ".join(f"{p:.1f}" for _, p, _ in r.val_curve)
         lines.append(
             f"| {r.family} | {r.variant} | {r.seconds:.0f} s | {r.val_input_psnr:.1f} -> {curve} | "
-            f"{_fmt(r.test.get('psnr'), 2)} | {_fmt(r.test.get('ssim'), 3)} |"
+            f"{fmt(r.test.get('psnr'), 2)} | {fmt(r.test.get('ssim'), 3)} |"
         )
     if results:
         refs = results[0].references
         lines += ["", "Classic references on the same test split (no training):", ""]
         lines += ["| reference | test PSNR | test SSIM |", "|---|---:|---:|"]
-        lines += [f"| {n} | {_fmt(s.get('psnr'), 2)} | {_fmt(s.get('ssim'), 3)} |" for n, s in refs.items()]
+        lines += [f"| {n} | {fmt(s.get('psnr'), 2)} | {fmt(s.get('ssim'), 3)} |" for n, s in refs.items()]
         best, value = best_classic(refs, "psnr")
         lines += ["", f"Best classic by PSNR: {best} ({value:.2f} dB)."]
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float | None, digits: int) -> str:
+def fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -248,7 +248,7 @@ def write_results(markdown: str, path: Path = RESULTS) -> None:
     path.write_text(text)
 
 
-def _machine() -> str:
+def machine_line() -> str:
     import platform
 
     import torch
@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     chosen = [get_family(n) for n in args.families.split(",") if n] or list(families())
     budget = Budget(args.steps, args.batch_size, args.crop, args.lr, args.val_every)
-    extra = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    extra = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     variants = [v for v in args.variants.split(",") if v]
     version_ref = prepare_data(args.pairs_per_photo, skb=DEMO_SKB if "skf" in variants else None)
     results = []
@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             results.append(r)
     command = "python benchmarks/learning.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    markdown = results_markdown(results, budget, command.strip(), _machine())
+    markdown = results_markdown(results, budget, command.strip(), machine_line())
     print(markdown)
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:

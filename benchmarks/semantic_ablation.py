@@ -39,7 +39,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from learning import RESULTS, Budget, _curve, _fmt, _machine, _value, run_seconds  # noqa: E402
+from learning import RESULTS, Budget, fmt, machine_line, parse_value, run_seconds, val_curve  # noqa: E402
 
 START, END = "<!-- semantic:start -->", "<!-- semantic:end -->"
 RANDOM_SKB = "skb/hrnet-w48-lite@1"
@@ -207,7 +207,7 @@ def run_arm(
         arm=arm.name,
         run_id=outcome.run_id,
         seconds=run_seconds(mlflow_client(), outcome.run_id),
-        val_curve=_curve(mlflow_client(), outcome.run_id),
+        val_curve=val_curve(mlflow_client(), outcome.run_id),
         test={m: result["metrics"].get(f"test/{m}") for m in ("psnr", "ssim")},
         delta_e={n: float(v) for n, v in zip(names, de, strict=True)},
     )
@@ -249,7 +249,7 @@ def ablation_markdown(
     lines = [
         f"{scenes[0]} train / {scenes[1]} test scenes (128x192), budget {budget.steps} steps, batch "
         f"{budget.batch_size}, crop {budget.crop}, Adam lr {budget.lr:g}; each family's smallest network, "
-        f"cached priors of the low-light input. {_machine()}.",
+        f"cached priors of the low-light input. {machine_line()}.",
         "",
         "    " + command,
         "",
@@ -259,15 +259,15 @@ def ablation_markdown(
     for r in results:
         de = [r.delta_e[n] for n in names]
         lines.append(
-            f"| {r.family} | {r.arm} | {r.seconds:.0f} s | {_fmt(r.test.get('psnr'), 2)} | "
-            f"{_fmt(r.test.get('ssim'), 3)} | "
+            f"| {r.family} | {r.arm} | {r.seconds:.0f} s | {fmt(r.test.get('psnr'), 2)} | "
+            f"{fmt(r.test.get('ssim'), 3)} | "
             + " | ".join(f"{v:.1f}" for v in de)
             + f" | {np.nanmean(de):.1f} |"
         )
     for name, scores, de_map in references:
         de = [de_map[n] for n in names]
         lines.append(
-            f"| reference | {name} | - | {_fmt(scores.get('psnr'), 2)} | {_fmt(scores.get('ssim'), 3)} | "
+            f"| reference | {name} | - | {fmt(scores.get('psnr'), 2)} | {fmt(scores.get('ssim'), 3)} | "
             + " | ".join(f"{v:.1f}" for v in de)
             + f" | {np.nanmean(de):.1f} |"
         )
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from components.precompute import precompute_priors
 
     budget = Budget(args.steps, args.batch_size, args.crop, args.lr, args.val_every)
-    extra = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    extra = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     version_ref = prepare_scenes(args.train_scenes, args.test_scenes)
     test_set = _test_set(version_ref)
     trained = {"trained": args.trained_skb} if args.trained_skb else {}
