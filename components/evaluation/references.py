@@ -76,15 +76,17 @@ def enhance_references(lows: Sequence[Tensor], names: Sequence[str] | None = Non
         raise ValueError(
             f"unknown reference enhancer(s) {unknown}; choose from {sorted(REFERENCE_ENHANCERS)}"
         )
-    arrays = [x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy().astype(np.float64) for x in lows]
     out: dict[str, list[Tensor]] = {}
     for name in chosen:
         fn = REFERENCE_ENHANCERS[name]
-        out[name] = [
-            torch.from_numpy(np.clip(fn(a), 0.0, 1.0).astype(np.float32)).permute(2, 0, 1).contiguous()
-            for a in arrays
-        ]
+        out[name] = [_apply(fn, x) for x in lows]
     return out
+
+
+def _apply(fn: ReferenceEnhancer, x: Tensor) -> Tensor:
+    """``fn`` on one (3, H, W) image, through a float64 H×W×3 array made for this image only."""
+    array = x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy().astype(np.float64)
+    return torch.from_numpy(np.clip(fn(array), 0.0, 1.0).astype(np.float32)).permute(2, 0, 1).contiguous()
 
 
 def best_classic(scores: Mapping[str, Mapping[str, float | None]], metric: str = "psnr") -> tuple[str, float]:
@@ -111,13 +113,19 @@ def score_references(
     device: torch.device,
     split: str,
 ) -> dict[str, Any]:
-    """Every reference enhancer's :class:`~components.evaluation.report.EvaluationReport` on the pairs."""
+    """Every reference enhancer's :class:`~components.evaluation.report.EvaluationReport` on the pairs.
+
+    One reference at a time, its outputs dropped once scored: the references add one set of images to
+    what the evaluation holds, not four.
+    """
     from components.evaluation.evaluate import evaluate_pairs
 
-    return {
-        ref: evaluate_pairs(outs, highs, protocol, metrics, names=names, device=device, split=split)
-        for ref, outs in enhance_references(lows).items()
-    }
+    reports = {}
+    for ref in REFERENCE_ENHANCERS:
+        outs = enhance_references(lows, names=[ref])[ref]
+        reports[ref] = evaluate_pairs(outs, highs, protocol, metrics, names=names, device=device, split=split)
+        del outs
+    return reports
 
 
 def headline(model: Mapping[str, float | None], references: Mapping[str, Mapping[str, float | None]]) -> str:
