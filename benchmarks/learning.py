@@ -32,7 +32,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-START, END = "<!-- learning:start -->", "<!-- learning:end -->"
 VARIANTS = ("plain", "skf")
 DEMO_SKB = "skb/hrnet-w48-lite@1"
 
@@ -47,6 +46,10 @@ class Budget:
     lr: float = 5e-4
     val_every: int = 50
     decay_at: float = 0.75  # one x0.2 learning-rate step at this fraction of the steps
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Budget:
+        return cls(args.steps, args.batch_size, args.crop, args.lr, args.val_every)
 
     def overrides(self) -> dict[str, Any]:
         milestone = max(1, int(self.steps * self.decay_at))
@@ -139,10 +142,19 @@ def val_curve(client: Any, run_id: str) -> list[tuple[int, float, float | None]]
 # --------------------------------------------------------------------------------------------------
 # One model
 # --------------------------------------------------------------------------------------------------
-def learning_plan(
-    family: Any, variant: str, budget: Budget, extra: Mapping[str, Any] | None = None, sa: bool = False
+def smoke_plan(
+    family: Any,
+    budget: Budget,
+    *,
+    skb: str | None = None,
+    checkpoint: str | None = None,
+    se: bool = True,
+    sch: bool = True,
+    sa: bool = False,
+    extra: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The training plan of ``family`` x ``variant`` at ``budget`` (its smallest network, cached priors)."""
+    """The plan of ``family``'s smallest network at ``budget``: plain without ``skb``, else its SKF recipe
+    on cached priors of the low-light input with the chosen modules (SA only where the family has it)."""
     from components.training.plan import plan
 
     overrides = {
@@ -150,21 +162,31 @@ def learning_plan(
         **{f"model.{k}": v for k, v in family.smoke_model.items()},
         **family.smoke_recipe,
     }
-    if variant == "plain":
+    if skb is None:
         return plan(
             baseline=family.spec, recipe=family.name, skb="off", overrides={**overrides, **(extra or {})}
         )
-    if variant != "skf":
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     overrides["skf.skb_input"] = "lq"  # cached priors are the low-light input's
     return plan(
         baseline=family.spec,
         recipe=f"{family.name}-skf",
-        skb=DEMO_SKB,
+        skb=skb,
+        skb_checkpoint=checkpoint,
         skb_mode="cached",
+        se=None if se else "off",
+        sch=None if sch else "off",
         sa=None if sa and family.supports_sa else "off",
         overrides={**overrides, **(extra or {})},
     )
+
+
+def learning_plan(
+    family: Any, variant: str, budget: Budget, extra: Mapping[str, Any] | None = None, sa: bool = False
+) -> Any:
+    """The training plan of ``family`` x ``variant`` at ``budget`` (SKF: the demo SKB's cached priors)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    return smoke_plan(family, budget, skb=DEMO_SKB if variant == "skf" else None, sa=sa, extra=extra)
 
 
 def train_and_score(
@@ -236,16 +258,38 @@ def fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def write_results(markdown: str, path: Path = RESULTS) -> None:
-    """Replace the text between the learning markers of ``path`` (append a section the first time)."""
+def write_section(markdown: str, name: str, title: str, path: Path = RESULTS) -> None:
+    """Replace the text between the ``<!-- name:start/end -->`` markers of ``path``; the first time, append
+    a section headed ``title`` with them. Text outside the markers (the findings) is kept."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{START}\n{markdown}{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
+    block = f"{start}\n{markdown}{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n## Learning evidence (`benchmarks/learning.py`)\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + block + "\n"
     path.write_text(text)
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--steps``, ``--batch-size``, ``--crop``, ``--lr``, ``--val-every`` (defaults: :class:`Budget`)."""
+    parser.add_argument("--steps", type=int, default=Budget.steps)
+    parser.add_argument("--batch-size", type=int, default=Budget.batch_size)
+    parser.add_argument("--crop", type=int, default=Budget.crop)
+    parser.add_argument("--lr", type=float, default=Budget.lr)
+    parser.add_argument("--val-every", type=int, default=Budget.val_every)
+
+
+def use_home(home: str, threads: int) -> None:
+    """Torch threads, ``SKF_HOME`` and the skf CLI's offline defaults (MLflow's store under it)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["SKF_HOME"] = str(Path(home).expanduser().resolve())
+    from flows.env import configure_environment
+
+    configure_environment()
 
 
 def machine_line() -> str:
@@ -260,14 +304,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default="", help="comma-separated family names (default: every one)")
     parser.add_argument("--variants", default="plain,skf", help="plain, skf or both")
-    parser.add_argument("--steps", type=int, default=Budget.steps)
-    parser.add_argument("--batch-size", type=int, default=Budget.batch_size)
-    parser.add_argument("--crop", type=int, default=Budget.crop)
-    parser.add_argument("--lr", type=float, default=Budget.lr)
-    parser.add_argument("--val-every", type=int, default=Budget.val_every)
+    add_budget_arguments(parser)
     parser.add_argument("--pairs-per-photo", type=int, default=6, help="demo crops per source photo")
     parser.add_argument("--sa", action="store_true", help="keep SA on for families that define it")
-    parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (JSON value)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="recipe override KEY=VALUE (JSON value)",
+    )
     parser.add_argument(
         "--home",
         default=str(ROOT / ".skf-learning"),
@@ -279,18 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write-results", action="store_true", help=f"update {RESULTS.relative_to(ROOT)}")
     args = parser.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    os.environ["SKF_HOME"] = str(Path(args.home).expanduser().resolve())
-    from flows.env import configure_environment
-
-    configure_environment()  # offline defaults and MLflow's store under SKF_HOME, as the skf CLI does
+    use_home(args.home, args.threads)
     from components.baselines import families, get_family
 
     chosen = [get_family(n) for n in args.families.split(",") if n] or list(families())
-    budget = Budget(args.steps, args.batch_size, args.crop, args.lr, args.val_every)
-    extra = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    budget = Budget.from_args(args)
+    extra = parse_overrides(args.set)
     variants = [v for v in args.variants.split(",") if v]
     version_ref = prepare_data(args.pairs_per_photo, skb=DEMO_SKB if "skf" in variants else None)
     results = []
@@ -308,11 +347,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
     if args.write_results:
-        write_results(markdown)
+        write_section(markdown, "learning", "Learning evidence (`benchmarks/learning.py`)")
     return 0
 
 
-def parse_value(text: str) -> Any:
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as recipe overrides; values are read as JSON where they parse (so ``1e-6``
+    is a number, which YAML 1.1 would read as a string) and kept as text otherwise."""
+    return {key: _json_or_text(value) for key, value in (item.split("=", 1) for item in items)}
+
+
+def _json_or_text(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,9 +38,19 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from learning import RESULTS, Budget, fmt, machine_line, parse_value, run_seconds, val_curve  # noqa: E402
+from learning import (  # noqa: E402
+    Budget,
+    add_budget_arguments,
+    fmt,
+    machine_line,
+    parse_overrides,
+    run_seconds,
+    smoke_plan,
+    use_home,
+    val_curve,
+    write_section,
+)
 
-START, END = "<!-- semantic:start -->", "<!-- semantic:end -->"
 RANDOM_SKB = "skb/hrnet-w48-lite@1"
 ORACLE_SKB = "skb/oracle-labels@1"
 TRAINED_SKB = "skb/scene-segmenter@1"
@@ -158,28 +167,8 @@ def model_outputs(run_id: str, lows: Sequence[np.ndarray], labels: Sequence[np.n
 # --------------------------------------------------------------------------------------------------
 def arm_plan(family: Any, arm: Arm, budget: Budget, extra: Mapping[str, Any] | None = None) -> Any:
     """The training plan of one arm: the family's smallest network, cached priors of the low-light input."""
-    from components.training.plan import plan
-
-    overrides = {
-        **budget.overrides(),
-        **{f"model.{k}": v for k, v in family.smoke_model.items()},
-        **family.smoke_recipe,
-    }
-    if arm.skb is None:
-        return plan(
-            baseline=family.spec, recipe=family.name, skb="off", overrides={**overrides, **(extra or {})}
-        )
-    overrides["skf.skb_input"] = "lq"
-    return plan(
-        baseline=family.spec,
-        recipe=f"{family.name}-skf",
-        skb=arm.skb,
-        skb_checkpoint=arm.checkpoint,
-        skb_mode="cached",
-        se=None if arm.se else "off",
-        sch=None if arm.sch else "off",
-        sa=None if arm.sa else "off",
-        overrides={**overrides, **(extra or {})},
+    return smoke_plan(
+        family, budget, skb=arm.skb, checkpoint=arm.checkpoint, se=arm.se, sch=arm.sch, sa=arm.sa, extra=extra
     )
 
 
@@ -274,32 +263,11 @@ def ablation_markdown(
     return "\n".join(lines) + "\n"
 
 
-def write_section(markdown: str, path: Path = RESULTS) -> None:
-    """Replace the text between the semantic-ablation markers (append a section the first time)."""
-    text = path.read_text()
-    block = f"{START}\n{markdown}{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = (
-            text.rstrip("\n")
-            + "\n\n## Semantic ablation (`benchmarks/semantic_ablation.py`)\n\n"
-            + block
-            + "\n"
-        )
-    path.write_text(text)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default="snr-net,drbn")
     parser.add_argument("--arms", default="", help="comma-separated arm names (default: all)")
-    parser.add_argument("--steps", type=int, default=Budget.steps)
-    parser.add_argument("--batch-size", type=int, default=Budget.batch_size)
-    parser.add_argument("--crop", type=int, default=Budget.crop)
-    parser.add_argument("--lr", type=float, default=Budget.lr)
-    parser.add_argument("--val-every", type=int, default=Budget.val_every)
+    add_budget_arguments(parser)
     parser.add_argument("--train-scenes", type=int, default=32)
     parser.add_argument("--test-scenes", type=int, default=8)
     parser.add_argument(
@@ -311,25 +279,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="STEPS",
         help="train (or reuse) the scene segmenter on the scenes first, for the 'trained' rows",
     )
-    parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (JSON value)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="recipe override KEY=VALUE (JSON value)",
+    )
     parser.add_argument("--home", default=str(ROOT / ".skf-learning"), help="SKF_HOME of the runs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the results as JSON here")
     parser.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    os.environ["SKF_HOME"] = str(Path(args.home).expanduser().resolve())
-    from flows.env import configure_environment
-
-    configure_environment()
+    use_home(args.home, args.threads)
     from components.baselines import get_family
     from components.precompute import precompute_priors
 
-    budget = Budget(args.steps, args.batch_size, args.crop, args.lr, args.val_every)
-    extra = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    budget = Budget.from_args(args)
+    extra = parse_overrides(args.set)
     version_ref = prepare_scenes(args.train_scenes, args.test_scenes)
     test_set = _test_set(version_ref)
     trained = {"trained": args.trained_skb} if args.trained_skb else {}
@@ -367,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
     if args.write_results:
-        write_section(markdown)
+        write_section(markdown, "semantic", "Semantic ablation (`benchmarks/semantic_ablation.py`)")
     return 0
 
 
