@@ -15,10 +15,9 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from components.baseline_losses import ssim
 from components.baselines.family import BaselineFamily, PriorsFor, SESlot, register_family
 from components.training.engine import StepContext
-from components.training.routines import BaselineRoutine, psnr, sample_grid
+from components.training.routines import BaselineRoutine
 from models.se import SEFactory
 
 SPEC = "baseline/toy@1"
@@ -70,13 +69,6 @@ class ToyRoutine(BaselineRoutine):
         return self.family.enhance(
             self.net, low, lambda stage, image: self.test_priors(batch or {"low": low})
         )
-
-    def validate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        pred = self.enhance(batch["low"], batch)
-        return {"psnr": psnr(pred, batch["high"]), "ssim": ssim(pred.float().clamp(0, 1), batch["high"])}
-
-    def sample_images(self, batch: Mapping[str, Any]) -> Tensor:
-        return sample_grid((batch["low"], self.enhance(batch["low"], batch), batch["high"]))
 
 
 class ToyFamily(BaselineFamily):

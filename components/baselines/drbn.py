@@ -11,13 +11,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from components.baseline_losses import ssim
 from components.baselines.family import BaselineFamily, PriorsFor, SESlot, register_family
 from components.recipes import Recipe
 from components.registry import create
 from components.skb import Priors
 from components.training.engine import StepContext
-from components.training.routines import SA_SPEC, BaselineRoutine, psnr, sample_grid
+from components.training.routines import SA_SPEC, BaselineRoutine
 from models.drbn import DRBN
 
 __all__ = ["DRBNFamily", "DRBNRoutine"]
@@ -119,13 +118,6 @@ class DRBNRoutine(BaselineRoutine):
             return self.test_priors(batch or {"low": low})
 
         return self.family.enhance(self.net, low, priors_for)
-
-    def validate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        pred = self.enhance(batch["low"], batch)
-        return {"psnr": psnr(pred, batch["high"]), "ssim": ssim(pred.float().clamp(0, 1), batch["high"])}
-
-    def sample_images(self, batch: Mapping[str, Any]) -> Tensor:
-        return sample_grid((batch["low"], self.enhance(batch["low"], batch), batch["high"]))
 
 
 @register_family

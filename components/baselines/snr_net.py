@@ -12,12 +12,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from components.baseline_losses import ssim
 from components.baselines.family import BaselineFamily, PriorsFor, SESlot, register_family
 from components.recipes import Recipe
 from components.skb import Priors
 from components.training.engine import StepContext
-from components.training.routines import BaselineRoutine, TrainingSetupError, psnr, sample_grid
+from components.training.routines import BaselineRoutine, TrainingSetupError
 from models.snr_net import SNRNet, snr_mask
 
 __all__ = ["SNRNetFamily", "SNRRoutine"]
@@ -62,13 +61,6 @@ class SNRRoutine(BaselineRoutine):
 
         two_pass = self.skf.two_pass_test and self.skb is not None
         return self.family.enhance(self.net, low, priors_for, two_pass=two_pass)
-
-    def validate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        pred = self.enhance(batch["low"], batch)
-        return {"psnr": psnr(pred, batch["high"]), "ssim": ssim(pred.float().clamp(0, 1), batch["high"])}
-
-    def sample_images(self, batch: Mapping[str, Any]) -> Tensor:
-        return sample_grid((batch["low"], self.enhance(batch["low"], batch), batch["high"]))
 
 
 @register_family

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import Dataset
 
-from components.baseline_losses import build_baseline_loss
+from components.baseline_losses import build_baseline_loss, ssim
 from components.errors import SKFError
 from components.recipes import OptimizerConfig, Recipe, SchedulerConfig
 from components.registry import create, resolved_spec
@@ -106,8 +106,8 @@ def sample_grid(rows: Sequence[Tensor], max_images: int = 2) -> Tensor:
 class BaselineRoutine:
     """Recipe-driven optimiser/scheduler/loss plumbing common to all baselines.
 
-    Subclasses (one per family, next to the family) implement ``train_step``, ``enhance`` (through the
-    family's test-time flow), ``validate`` and ``sample_images``.
+    Subclasses (one per family, next to the family) implement ``train_step`` and ``enhance`` (through the
+    family's test-time flow); ``validate`` and ``sample_images`` score and show what ``enhance`` returns.
     """
 
     def __init__(self, family: Any, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
@@ -162,6 +162,19 @@ class BaselineRoutine:
                 n: build_scheduler(o, self.recipe.scheduler) for n, o in self.optimizers().items()
             }
         return self._schedulers
+
+    def enhance(self, low: Tensor, batch: Mapping[str, Any] | None = None) -> Tensor:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement enhance (the family's test-time flow)"
+        )
+
+    def validate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """PSNR and SSIM of the test-time output on a validation batch."""
+        pred = self.enhance(batch["low"], batch)
+        return {"psnr": psnr(pred, batch["high"]), "ssim": ssim(pred.float().clamp(0, 1), batch["high"])}
+
+    def sample_images(self, batch: Mapping[str, Any]) -> Tensor:
+        return sample_grid((batch["low"], self.enhance(batch["low"], batch), batch["high"]))
 
     # helpers ------------------------------------------------------------------------------------
     def reconstruction(self, outputs: Any, target: Tensor, step: int) -> Tensor:
