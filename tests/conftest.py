@@ -53,6 +53,22 @@ def skf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture()
+def catalog(tmp_path: Path):
+    """A SQLite catalog under ``tmp_path`` (modules that test other databases define their own)."""
+    from components.catalog import open_catalog
+
+    return open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+
+
+@pytest.fixture()
+def storage(tmp_path: Path):
+    """A local object store under ``tmp_path``."""
+    from components.storage import open_storage
+
+    return open_storage(tmp_path / "store")
+
+
+@pytest.fixture()
 def weights_dirs(skf_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """An empty torch cache (``TORCH_HOME``) and weights folder (``SKF_WEIGHTS_URI``), read at call time."""
     torch_home = tmp_path / "torch"

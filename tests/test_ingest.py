@@ -14,21 +14,11 @@ import pytest
 import sqlalchemy as sa
 from data_fixtures import bomb_png, make_lol, png_bytes, write_png
 
-from components.catalog import DatasetVersion, Image, QuarantinedInput, open_catalog
+from components.catalog import DatasetVersion, Image, QuarantinedInput
 from components.data.ingest import IngestError, get_version, ingest, list_versions
 from components.data.layouts import LayoutError
 from components.data.validation import InvalidImage, inspect_bytes
 from components.storage import open_storage
-
-
-@pytest.fixture()
-def catalog(tmp_path: Path):
-    return open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-
-
-@pytest.fixture()
-def storage(tmp_path: Path):
-    return open_storage(tmp_path / "store")
 
 
 def _count(catalog, model) -> int:

@@ -49,16 +49,6 @@ MiB = 1 << 20
 
 # --------------------------------------------------------------------------------------------- helpers
 @pytest.fixture()
-def catalog(tmp_path: Path):
-    return open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-
-
-@pytest.fixture()
-def storage(tmp_path: Path):
-    return open_storage(tmp_path / "store")
-
-
-@pytest.fixture()
 def scratch_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private TMPDIR, so that temp folders left behind by an ingest can be seen (and no other's)."""
     tmp = tmp_path / "tmp"

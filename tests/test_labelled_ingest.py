@@ -13,24 +13,14 @@ import sqlalchemy as sa
 from data_fixtures import make_lol
 from PIL import Image
 
-from components.catalog import QuarantinedInput, open_catalog
+from components.catalog import QuarantinedInput
 from components.data.ingest import build_manifest, get_version, ingest
 from components.data.scenes import SCENE_CLASSES, generate_scene_dataset
-from components.storage import open_storage, read_uri
+from components.storage import read_uri
 
 SIZE = (64, 96)
 # build_manifest of a fixed item list, recorded before label maps existed: the manifest formula is unchanged.
 RECORDED_MANIFEST = "dcb957b99c9cf5ad8c16ea4f337e2b500e1bd0584369361fd35f0ac14e7dfd56"
-
-
-@pytest.fixture()
-def catalog(tmp_path: Path):
-    return open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-
-
-@pytest.fixture()
-def storage(tmp_path: Path):
-    return open_storage(tmp_path / "store")
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,11 @@ import pytest
 import sqlalchemy as sa
 from data_fixtures import write_png
 
-from components.catalog import QuarantinedInput, open_catalog
+from components.catalog import QuarantinedInput
 from components.data.ingest import get_version, ingest
 from components.data.layouts import LayoutError, parse_layout, scan_layout
-from components.storage import open_storage
 
 pytestmark = pytest.mark.timeout(30)  # a FIFO opened by mistake would block forever
-
-
-@pytest.fixture()
-def catalog(tmp_path: Path):
-    return open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-
-
-@pytest.fixture()
-def storage(tmp_path: Path):
-    return open_storage(tmp_path / "store")
 
 
 def _pairs(scan) -> dict[str, dict[str, str]]:
