@@ -22,6 +22,7 @@ from components.segmenter.job import (
     segmenter_markdown,
 )
 from components.segmenter.training import SegmenterConfig
+from components.training.job import progress_every_tenth
 from flows.train import GPU_TAG, ensure_gpu_limit
 
 __all__ = ["train_segmenter_task", "train_skb"]
@@ -47,22 +48,13 @@ def train_segmenter_task(
     version_ref: str, config: SegmenterConfig, device: str | None, model_name: str, register_model: bool
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    last = [-1]
-
-    def progress(p: Any) -> None:
-        tenth = p.step * 10 // p.total
-        if tenth != last[0] or p.val is not None:
-            last[0] = tenth
-            val = f", val/miou={p.val.miou:.4f}" if p.val is not None else ""
-            logger.info("step %d/%d (%.0fs) loss=%.4f%s", p.step, p.total, p.elapsed_s, p.loss, val)
-
     outcome = run_segmenter_training(
         version_ref,
         config,
         device=device,
         model_name=model_name,
         register=register_model,
-        progress=progress,
+        progress=progress_every_tenth(logger.info),
         log=logger.info,
     )
     return outcome.to_dict()

@@ -87,6 +87,15 @@ class SegmenterProgress:
     elapsed_s: float
     val: SegmenterMetrics | None = None
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The step's metrics, as the enhancer engine's progress names them (for shared progress loggers)."""
+        return {"loss": self.loss}
+
+    @property
+    def val_metrics(self) -> dict[str, float] | None:
+        return None if self.val is None else {"val/miou": self.val.miou, "val/pixel_acc": self.val.pixel_acc}
+
 
 @dataclasses.dataclass
 class SegmenterFit:
