@@ -19,7 +19,7 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -281,20 +281,26 @@ def _score(
     return _Scores(reports, references, list(zip(lows, outs, highs, strict=True))[:GRID_IMAGES])
 
 
-def _comparison_markdown(scores: _Scores) -> str:
-    """The model's test row beside the reference rows, every paired metric (the table people read first)."""
-    test = scores.reports[0]
-    head = "| enhancer | " + " | ".join(test.metrics) + " |"
-    rule = "|---|" + "---:|" * len(test.metrics)
+def comparison_lines(
+    headline: str,
+    metrics: Sequence[str],
+    model: Mapping[str, float | None],
+    references: Mapping[str, Mapping[str, float | None]],
+) -> list[str]:
+    """The headline, then the model's row beside each classic reference's over ``metrics`` (markdown)."""
 
-    def cells(aggregates: dict[str, Any]) -> str:
-        shown = ("n/a" if aggregates.get(m) is None else f"{aggregates[m]:.4f}" for m in test.metrics)
-        return " | ".join(shown)
+    def cells(values: Mapping[str, float | None]) -> str:
+        return " | ".join("n/a" if values.get(m) is None else f"{values[m]:.4f}" for m in metrics)
 
-    lines = [f"### Model vs classic references ({test.split})", "", head, rule]
-    lines.append(f"| **model** | {cells(test.aggregates)} |")
-    lines += [f"| {name} | {cells(r.aggregates)} |" for name, r in scores.references.items()]
-    return "\n".join(lines) + "\n"
+    lines = [
+        f"**{headline}**",
+        "",
+        "| enhancer | " + " | ".join(metrics) + " |",
+        "|---|" + "---:|" * len(metrics),
+    ]
+    lines.append(f"| **model** | {cells(model)} |")
+    lines += [f"| {name} | {cells(values)} |" for name, values in references.items()]
+    return lines
 
 
 def _reference_metrics(scores: _Scores) -> dict[str, float]:
@@ -314,7 +320,9 @@ def _last_step(client: Any, run_id: str) -> int:
 
 
 def _record(client: Any, inputs: _Inputs, protocol: str, scores: _Scores) -> tuple[dict[str, Any], str]:
-    """Log the artifacts, metrics and tags on the run; returns the evaluation summary and its report."""
+    """Log the artifacts, metrics and tags on the run; returns the evaluation summary and the per-set
+    metric tables (the report file also opens with the model-vs-references comparison, which
+    :func:`evaluation_markdown` shows from the summary)."""
     from mlflow.entities import Metric, RunTag
 
     from components.evaluation import get_protocol
@@ -322,8 +330,10 @@ def _record(client: Any, inputs: _Inputs, protocol: str, scores: _Scores) -> tup
     ref, key, reports = inputs.ref, inputs.key, scores.reports
     values = {k: v for r in reports for k, v in r.mlflow_metrics().items()}
     unavailable = {f"{r.split}/{m}": u.reason[:300] for r in reports for m, u in r.unavailable.items()}
-    line = headline(reports[0].aggregates, scores.reference_aggregates())
-    markdown = "\n".join([f"**{line}**\n", _comparison_markdown(scores), *(r.to_markdown() for r in reports)])
+    references = scores.reference_aggregates()
+    line = headline(reports[0].aggregates, references)
+    comparison = comparison_lines(line, reports[0].metrics, reports[0].aggregates, references)
+    markdown = "\n".join(r.to_markdown() for r in reports)
     folder = f"eval/{key}"
     grid = scores.grid()
     with tempfile.TemporaryDirectory(prefix="skf-eval-") as tmp:
@@ -333,7 +343,7 @@ def _record(client: Any, inputs: _Inputs, protocol: str, scores: _Scores) -> tup
         for name, r in scores.references.items():
             r.to_csv(out / "references" / f"{name}-{r.split}-per_image.csv")
         grid.save(out / "grid.png")
-        (out / "report.md").write_text(markdown)
+        (out / "report.md").write_text("\n".join([*comparison, "", markdown]))
         client.log_artifacts(ref.run_id, str(out), folder)
     # MLflow's image view: the grid as a keyed, stepped image beside the run's training sample grids.
     client.log_image(ref.run_id, grid, key=f"eval-{key}", step=_last_step(client, ref.run_id))
@@ -347,7 +357,7 @@ def _record(client: Any, inputs: _Inputs, protocol: str, scores: _Scores) -> tup
         "protocol": get_protocol(protocol).name,
         "metrics": values,
         "unavailable": unavailable,
-        "references": scores.reference_aggregates(),
+        "references": references,
         "headline": line,
         "csv_uri": f"{base}/{reports[0].split}-per_image.csv",
         "grid_uri": f"{base}/grid.png",
@@ -443,15 +453,8 @@ def _reference_lines(result: dict[str, Any]) -> list[str]:
         return []
     split = next((k.split("/")[0] for k in result["metrics"] if k.endswith("/psnr")), "test")
     metrics = sorted({m for scores in references.values() for m in scores})
-    model = [result["metrics"].get(f"{split}/{m}") for m in metrics]
-
-    def cells(values: list[float | None]) -> str:
-        return " | ".join("n/a" if v is None else f"{v:.4f}" for v in values)
-
-    lines = ["", f"**{result.get('headline', '')}**", "", "| enhancer | " + " | ".join(metrics) + " |"]
-    lines += ["|---|" + "---:|" * len(metrics), f"| **model** | {cells(model)} |"]
-    lines += [f"| {name} | {cells([s.get(m) for m in metrics])} |" for name, s in references.items()]
-    return lines
+    model = {m: result["metrics"].get(f"{split}/{m}") for m in metrics}
+    return ["", *comparison_lines(result.get("headline", ""), metrics, model, references)]
 
 
 def evaluation_markdown(result: dict[str, Any]) -> str:
