@@ -62,3 +62,21 @@ def make_lol_v2(root: Path, subset: str = "Real_captured", train: int = 3, test:
             write_png(root / subset / split_dir / low_dir / f"low{k:05d}.png", seed)
             write_png(root / subset / split_dir / high_dir / f"normal{k:05d}.png", seed + 1)
     return root
+
+
+def lose_catalog(db_url: str) -> None:
+    """Delete a catalog behind the application's back: the SQLite file, or every table on the server."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        for suffix in ("", "-wal", "-shm"):
+            Path(url.database + suffix).unlink(missing_ok=True)
+        return
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for table in sa.inspect(conn).get_table_names():
+                conn.execute(sa.text(f'DROP TABLE "{table}" CASCADE'))
+    finally:
+        engine.dispose()

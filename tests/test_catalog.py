@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from data_fixtures import lose_catalog
 from sqlalchemy.exc import IntegrityError
 
 from components.catalog import (
@@ -259,22 +260,6 @@ def test_concurrent_first_open_from_several_processes(db_url: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ a lost catalog
-def _lose(db_url: str) -> None:
-    """Delete the catalog behind the application's back: the SQLite file, or every table on the server."""
-    url = sa.engine.make_url(db_url)
-    if url.get_backend_name() == "sqlite":
-        for suffix in ("", "-wal", "-shm"):
-            Path(url.database + suffix).unlink(missing_ok=True)
-        return
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            for table in sa.inspect(conn).get_table_names():
-                conn.execute(sa.text(f'DROP TABLE "{table}" CASCADE'))
-    finally:
-        engine.dispose()
-
-
 def _sqlite_file(db_url: str) -> Path | None:
     url = sa.engine.make_url(db_url)
     return Path(url.database) if url.get_backend_name() == "sqlite" else None
@@ -285,7 +270,7 @@ def test_a_lost_catalog_is_not_recreated_empty(db_url: str, monkeypatch: pytest.
 
     _populate(open_catalog(db_url))
     close_catalogs()  # the next command, in a new process
-    _lose(db_url)
+    lose_catalog(db_url)
     for _ in range(2):  # refused every time, and nothing is created in its place
         with pytest.raises(CatalogLostError) as refused:
             open_catalog(db_url)
@@ -301,7 +286,7 @@ def test_a_lost_catalog_is_not_recreated_empty(db_url: str, monkeypatch: pytest.
     monkeypatch.delenv(RESET_ENV)
     assert _count(open_catalog(db_url), Dataset) == 0  # the new catalog is the one that exists now
     close_catalogs()
-    _lose(db_url)
+    lose_catalog(db_url)
     with pytest.raises(CatalogLostError):  # and it is guarded in turn
         open_catalog(db_url)
 
@@ -325,7 +310,7 @@ def test_a_catalog_lost_while_open_is_detected(db_url: str) -> None:
     catalog = open_catalog(db_url)
     _populate(catalog)
     catalog.check_present()
-    _lose(db_url)
+    lose_catalog(db_url)
     with pytest.raises(CatalogLostError, match="deleted or replaced|can no longer be read"):
         catalog.check_present()
     if _sqlite_file(db_url) is not None:  # the cached handle is not served for the vanished file
@@ -346,7 +331,7 @@ def test_a_catalog_from_before_markers_gets_one_on_open(tmp_path: Path) -> None:
     open_catalog(url)
     close_catalogs()
     assert marker.is_file()
-    _lose(url)
+    lose_catalog(url)
     with pytest.raises(CatalogLostError):
         open_catalog(url)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.data_fixtures import lose_catalog
 from tests.pipeline_fixtures import install_work_spies, make_tiny_dataset
 
 TINY = {
@@ -115,26 +116,6 @@ def _only_run_failed() -> Any:
     return rows[0]
 
 
-def _lose_catalog() -> None:
-    """Delete the catalog behind the running command's back: the SQLite file, or the server's tables."""
-    import sqlalchemy as sa
-
-    from components.settings import get_settings
-
-    url = sa.engine.make_url(get_settings().catalog_url)
-    if url.get_backend_name() == "sqlite":
-        for suffix in ("", "-wal", "-shm"):
-            Path(url.database + suffix).unlink(missing_ok=True)
-        return
-    engine = sa.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            for table in sa.inspect(conn).get_table_names():
-                conn.execute(sa.text(f'DROP TABLE "{table}" CASCADE'))
-    finally:
-        engine.dispose()
-
-
 # --------------------------------------------------------------------------------------------------
 # 1. Two identical trainings at once: one trains, the other waits and joins its result
 # --------------------------------------------------------------------------------------------------
@@ -221,6 +202,7 @@ def test_catalog_lost_during_training_fails_the_run_and_is_not_recreated(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from components.catalog import CatalogLostError, close_catalogs
+    from components.settings import get_settings
     from components.training.job import run_training
 
     ref = _ingest(tiny_dataset)
@@ -228,7 +210,7 @@ def test_catalog_lost_during_training_fails_the_run_and_is_not_recreated(
 
     def lose_at_step_2(p: Any) -> None:
         if p.step == 2:
-            _lose_catalog()
+            lose_catalog(get_settings().catalog_url)
 
     with pytest.raises(CatalogLostError, match="results were not recorded|can no longer be read") as lost:
         run_training(ref, _plan(), progress=lose_at_step_2, log=logged.append)
