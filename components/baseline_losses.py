@@ -5,6 +5,9 @@
   of DRBN's ``pytorch_ssim``. Identical images give −3.
 * ``charbonnier`` (SNR): Σ √((ŷ − y)² + ε) with ε = 1e-6, *summed* over all elements as released (so
   its scale grows with batch and crop size — the official learning rate was tuned for that).
+* ``flow-nll`` (LLFlow): the mean negative log-likelihood, in bits per pixel, of the GT's latent under a
+  unit Gaussian centred on the colour map μ or, with probability ``gt_ratio`` per batch, on the GT's own
+  chromaticity (docs/method.md §6.3).
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.llflow import FlowEncoding, nll_bits
+
 __all__ = [
     "BASELINE_LOSSES",
     "CharbonnierLoss",
+    "FlowNLLLoss",
     "SSIMPyramidLoss",
     "build_baseline_loss",
     "gaussian_window",
@@ -113,15 +119,41 @@ class CharbonnierLoss(nn.Module):
         return value.sum() if self.reduction == "sum" else value.mean()
 
 
+class FlowNLLLoss(nn.Module):
+    """LLFlow's objective: mean NLL (bits per pixel) of the encoded GT under N(μ, I).
+
+    μ is chosen once per batch by :meth:`choose_mean` (the routine needs the same μ for SCH): the
+    encoder's colour map, or with probability ``gt_ratio`` the GT chromaticity y / (Σ_c y + 1e-4) (released
+    ``train_gt_ratio`` 0.2). The draw uses torch's global generator, so a resumed run repeats it.
+    """
+
+    def __init__(self, gt_ratio: float = 0.2) -> None:
+        super().__init__()
+        if not 0.0 <= gt_ratio <= 1.0:
+            raise ValueError(f"gt_ratio must be in [0, 1], got {gt_ratio}")
+        self.gt_ratio = float(gt_ratio)
+
+    def choose_mean(self, color_map: Tensor, target: Tensor) -> Tensor:
+        if float(torch.rand(())) < self.gt_ratio:
+            return target / (target.sum(dim=1, keepdim=True) + 1e-4)
+        return color_map
+
+    def forward(self, outputs: FlowEncoding, target: Tensor) -> Tensor:
+        if not isinstance(outputs, FlowEncoding) or outputs.mean is None:
+            raise ValueError("flow-nll scores an LLFlow encoding with its chosen mean (FlowEncoding.mean)")
+        return nll_bits(outputs.z, outputs.mean, outputs.logdet).mean()
+
+
 #: Loss names a recipe's ``losses`` section may use, with their constructors.
 BASELINE_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "ssim-pyramid": SSIMPyramidLoss,
     "charbonnier": CharbonnierLoss,
+    "flow-nll": FlowNLLLoss,
 }
 
 
 def build_baseline_loss(name: str, **params: object) -> nn.Module:
-    """Instantiate a baseline loss by recipe name (``ssim-pyramid``, ``charbonnier``)."""
+    """Instantiate a baseline loss by recipe name (``ssim-pyramid``, ``charbonnier``, ``flow-nll``)."""
     try:
         factory = BASELINE_LOSSES[name]
     except KeyError:

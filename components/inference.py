@@ -30,7 +30,7 @@ from components.baselines import get_family
 from components.checkpoints import load_strict
 from components.errors import SKFError
 from components.registry import create, resolved_spec
-from components.skb import Priors, SemanticKnowledgeBank, needs_labels
+from components.skb import SKB_SETTINGS, Priors, SemanticKnowledgeBank, needs_labels
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ SPEC_FILE = "enhancer_spec.json"
 NET_FILE = "enhancer.safetensors"
 SKB_FILE = "skb.safetensors"
 #: The SKB settings an enhancer may fix (everything else comes from the SKB's registered builder).
-SKB_SETTING_KEYS: tuple[str, ...] = ("bn_mode", "input_transform", "pad_multiple", "amp")
 
 
 class EnhancerSpecError(SKFError, ValueError):
@@ -80,9 +79,9 @@ class EnhancerSpec:
             raise EnhancerSpecError(f"{self.baseline} with skf=True needs an SKB spec (skb=...)")
         if not self.skf and (self.skb or self.two_pass):
             raise EnhancerSpecError("a plain baseline (skf=False) has no SKB and no two-pass flow")
-        unknown = sorted(set(self.skb_settings) - set(SKB_SETTING_KEYS))
+        unknown = sorted(set(self.skb_settings) - set(SKB_SETTINGS))
         if unknown:
-            raise EnhancerSpecError(f"unknown skb_settings {unknown}; allowed: {list(SKB_SETTING_KEYS)}")
+            raise EnhancerSpecError(f"unknown skb_settings {unknown}; allowed: {list(SKB_SETTINGS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,7 +137,7 @@ def make_spec(
         skf=True,
         baseline_kwargs=kwargs,
         skb=resolved_spec(skb.spec),
-        skb_settings={k: getattr(skb, k) for k in SKB_SETTING_KEYS},
+        skb_settings={k: getattr(skb, k) for k in SKB_SETTINGS},
         skb_fingerprint=skb.fingerprint,
         skb_weights=skb.weights_id,
         skb_pretrained=bool(skb.pretrained),

@@ -128,10 +128,15 @@ class SemanticColorHistogramLoss(nn.Module):
         """Whether the loss is due on training step ``step`` (SNR computes it every 50 steps only)."""
         return step % self.every == 0
 
-    def forward(self, pred: Tensor, target: Tensor, labels: Tensor) -> Tensor:
+    def forward(
+        self, pred: Tensor, target: Tensor, labels: Tensor, *, differentiate_target: bool = False
+    ) -> Tensor:
         """``pred``/``target``: N×3×H×W in [0, 1]; ``labels``: N×H×W class map (or N×K×H×W scores).
 
-        Returns ``weight * SCH`` as an fp32 scalar (computed in fp32 even under autocast).
+        Returns ``weight * SCH`` as an fp32 scalar (computed in fp32 even under autocast). The target is a
+        constant unless ``differentiate_target``: LLFlow compares two network outputs (μ and z) and the
+        released loss backpropagates into both; the L1 is symmetric, so the target's gradient is the
+        prediction-side gradient of the swapped call (one more histogram pass, no change in value).
         """
         if labels.dim() == 4 and labels.dtype.is_floating_point:
             if labels.shape[1] != self.num_classes:
@@ -139,16 +144,17 @@ class SemanticColorHistogramLoss(nn.Module):
                     f"SCH got a {labels.shape[1]}-channel score map but num_classes={self.num_classes}"
                 )
             labels = labels.argmax(dim=1)
-        loss = sch_loss(
-            pred,
-            target,
-            labels,
-            num_classes=self.num_classes,
-            bins=self.bins,
-            sharpness=self.sharpness,
-            window=self.window,
-            normalizer=self.normalizer,
-        )
+        options = {
+            "num_classes": self.num_classes,
+            "bins": self.bins,
+            "sharpness": self.sharpness,
+            "window": self.window,
+            "normalizer": self.normalizer,
+        }
+        loss = sch_loss(pred, target.detach(), labels, **options)
+        if differentiate_target and target.requires_grad:
+            swapped = sch_loss(target, pred.detach(), labels, **options)
+            loss = loss + (swapped - swapped.detach())
         return self.weight * loss
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from components.baseline_losses import BASELINE_LOSSES
 from components.errors import SKFError
 from components.losses import SAPrecision
+from components.skb import SKB_SETTINGS
 
 __all__ = [
     "RECIPES_DIR",
@@ -151,6 +152,11 @@ class SKFConfig(_Strict):
     se: bool = False
     sch: SCHConfig = SCHConfig()
     sa: SAConfig = SAConfig()
+    skb_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="SKB builder options that change its priors: bn_mode (eval|train), input_transform "
+        "(linear|log|imagenet), pad_multiple, amp; recorded in the SKB fingerprint",
+    )
     skb_mode: Literal["cached", "online"] = "cached"
     skb_input: Literal["lq", "gt", "intermediate"] = "lq"
     two_pass_test: bool = Field(False, description="SNR test: re-segment the first output and enhance again")
@@ -161,6 +167,14 @@ class SKFConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SKFConfig:
+        unknown = sorted(set(self.skb_settings) - set(SKB_SETTINGS))
+        if unknown:
+            raise ValueError(f"skb_settings {unknown} are not SKB options; known: {', '.join(SKB_SETTINGS)}")
+        if self.skb_settings.get("bn_mode", "eval") == "train" and self.skb_mode == "cached":
+            raise ValueError(
+                "skb_settings.bn_mode 'train' makes the priors depend on the batch (LLFlow-SKF as released), "
+                "so they cannot be cached: set skf.skb_mode to 'online' (or bn_mode to 'eval')"
+            )
         if self.skb_input == "intermediate" and self.skb_mode != "online":
             raise ValueError(
                 "skb_input 'intermediate' (DRBN segments its own recurrence-3 output) needs skb_mode 'online'; "

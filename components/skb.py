@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 BnMode = Literal["eval", "train"]
 InputTransform = Literal["linear", "log", "imagenet"]
 BN_MODES: tuple[str, ...] = ("eval", "train")
+#: Builder options that change what the SKB outputs (recipes may set them; the fingerprint records them).
+SKB_SETTINGS: tuple[str, ...] = ("bn_mode", "input_transform", "pad_multiple", "amp")
 INPUT_TRANSFORMS: tuple[str, ...] = ("linear", "log", "imagenet")
 CACHE_DTYPE = torch.float16
 FEATURE_STRIDES: tuple[int, ...] = (4, 8, 16)

@@ -81,7 +81,7 @@ class OracleSKB(nn.Module):
     needs_labels = True  # precompute passes each image's label map as ``labels=``
     pretrained = False
     checkpoint = None
-    # The segmenter settings an enhancer spec records (components.inference.SKB_SETTING_KEYS): the oracle
+    # The segmenter settings an enhancer spec records (components.skb.SKB_SETTINGS): the oracle
     # runs no segmenter, so they are fixed and only describe it (no padding, fp32).
     bn_mode = "eval"
     input_transform = "linear"

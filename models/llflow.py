@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ __all__ = [
     "ActNorm",
     "ConditionEncoder",
     "ConditionalAffineCoupling",
+    "FlowEncoding",
     "FlowStep",
     "FlowUpsamplerNet",
     "InvertibleConv1x1",
@@ -482,6 +483,16 @@ def nll_bits(z: Tensor, mean: Tensor, logdet: Tensor) -> Tensor:
     return -(logdet + log_p) / (math.log(2.0) * _pixels(z))
 
 
+class FlowEncoding(NamedTuple):
+    """The training direction's output: the GT's latent as a B×3×H×W map (unsqueeze2d by 8), the colour
+    map μ, the flow's log-determinant per sample, and (set by the loss's caller) the Gaussian mean used."""
+
+    z: Tensor
+    color_map: Tensor
+    logdet: Tensor
+    mean: Tensor | None = None
+
+
 class LLFlow(nn.Module):
     """LLFlow (released ``LLFlow`` / ``LLFlow_noattblk``); default sizes are LLFlow-S.
 
@@ -495,6 +506,8 @@ class LLFlow(nn.Module):
         sem_channels: the SKB's F0/F1/F2 widths (48, 96, 192) feeding att_block_1/2/3.
         se_factory: ``(sem_channels, channels) -> module`` for each SE block (default: the released
             variant for the size: GDFN γ 2.66 for S, the 192-wide bottleneck for L).
+        heat: test-time sampling temperature: 0 decodes the colour map itself (as released, where the
+            configured heat has no effect); > 0 decodes squeeze(μ) + heat·ε, a sample per call.
     """
 
     #: Which SKB outputs ``sem`` must hold, in order (att_block_1, att_block_2, att_block_3).
@@ -514,8 +527,12 @@ class LLFlow(nn.Module):
         hidden: int = 64,
         sem_channels: Sequence[int] = (48, 96, 192),
         se_factory: SEFactory | None = None,
+        heat: float = 0.0,
     ) -> None:
         super().__init__()
+        if heat < 0:
+            raise ValueError(f"heat must be >= 0, got {heat}")
+        self.heat = float(heat)
         if levels != 3:
             raise ValueError(f"LLFlow conditions exactly 3 levels (1/2, 1/4, 1/8), got levels={levels}")
         stack = tuple(int(b) for b in stack_blocks)
@@ -581,14 +598,33 @@ class LLFlow(nn.Module):
 
     def forward(
         self,
-        lq: Tensor,
+        low: Tensor,
         sem: Sequence[Tensor] | None = None,
-        heat: float = 0.0,
+        *,
+        histeq: Tensor | None = None,
+        gt: Tensor | None = None,
+        heat: float | None = None,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Enhance: decode from the colour map (as released; ``heat`` 0), or from μ + heat·ε."""
-        conds = self.conditions(lq, sem)
+    ) -> Tensor | FlowEncoding:
+        """Enhance ``low`` (B×3×H×W in [0, 1], H and W multiples of 8); with ``gt``, encode the GT instead.
+
+        The 6-channel input is built here (:func:`llflow_input`); ``histeq`` overrides its equalised half
+        (training equalises the whole image before cropping). Enhancing decodes from the colour map, or
+        from μ + heat·ε. One entry point for both directions, so a DDP-wrapped network trains through it.
+        """
+        if hasattr(sem, "logits"):  # the SKB's Priors object: its length is the batch size, not 3 maps
+            raise TypeError(
+                "LLFlow takes sem=(F0, F1, F2) tensors, not a Priors object; map it with the family's "
+                "sem_inputs(priors, size) (components.baselines)"
+            )
+        if low.shape[1] != 3:
+            raise ValueError(f"LLFlow enhances RGB images (B×3×H×W in [0, 1]), got {low.shape[1]} channels")
+        conds = self.conditions(llflow_input(low, histeq), sem)
+        if gt is not None:
+            latent, logdet = self.encode(gt, conds)
+            return FlowEncoding(unsqueeze2d(latent, LATENT_FACTOR), conds["color_map"], logdet)
         latent = self.mean_latent(conds)
+        heat = self.heat if heat is None else heat
         if heat:
             noise = torch.randn(latent.shape, generator=generator, device=latent.device, dtype=latent.dtype)
             latent = latent + heat * noise
@@ -614,8 +650,11 @@ class LLFlowL(LLFlow):
         hidden: int = 64,
         sem_channels: Sequence[int] = (48, 96, 192),
         se_factory: SEFactory | None = None,
+        heat: float = 0.0,
     ) -> None:
-        super().__init__(skf, nf, nb, gc, flow_steps, levels, stack_blocks, hidden, sem_channels, se_factory)
+        super().__init__(
+            skf, nf, nb, gc, flow_steps, levels, stack_blocks, hidden, sem_channels, se_factory, heat
+        )
 
     def _released_se(self, sem_channels: int, channels: int) -> nn.Module:
         return SemanticEmbeddingBottleneck(sem_channels, channels, inner=192, heads=2, ffn_factor=1.0)

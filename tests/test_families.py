@@ -35,6 +35,7 @@ RUN = {
     "scheduler.name": "constant",
     "scheduler.milestones": None,
     "scheduler.step_size": None,
+    "scheduler.warmup": 0,
 }
 
 

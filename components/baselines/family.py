@@ -72,6 +72,8 @@ class BaselineFamily:
     #: recipe overrides (dotted keys) without which ``smoke_model`` does not learn at a CPU budget; the
     #: learning benchmark and its test apply them (the released recipes stay as released)
     smoke_recipe: ClassVar[dict[str, Any]] = {}
+    #: evaluation protocols reported next to the requested one (LLFlow: ``gt-mean``, as its paper rows)
+    side_protocols: ClassVar[tuple[str, ...]] = ()
 
     @property
     def spec(self) -> str:
@@ -132,6 +134,10 @@ class BaselineFamily:
                 self.build(skf=True, se=se, **overrides)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise UserInputError(f"se={se} does not fit {self.spec}: {exc}") from exc
+
+    def input_features(self) -> dict[str, Callable[[Any], Any]]:
+        """``{name: fn(whole low image) -> array}`` the training set computes before cropping (none here)."""
+        return {}
 
     # priors and test-time flow --------------------------------------------------------------------
     def sem_inputs(self, priors: Any, size: tuple[int, int]) -> tuple[Tensor, ...]:

@@ -8,6 +8,8 @@ flip and transpose, in that order. The sample exposes both, so anything computed
 
 * ``extra_targets``: ``{name: fn(low_sha256) -> array (H, W[, C])}`` at image resolution, augmented by
   albumentations together with low and high;
+* ``input_features``: ``{name: fn(low image) -> array (H, W[, C])}`` computed from the whole low image before
+  the crop (LLFlow's histogram equalisation), then augmented like ``extra_targets``;
 * ``priors_loader``: ``fn(low_sha256, crop, flip) -> {name: tensor}`` for anything at another resolution;
   it receives the sample's geometry and applies it itself (typically with ``apply_geometry(t, crop, flip,
   stride=4)``).
@@ -164,6 +166,8 @@ class PairedImageDataset(Dataset):
         cache: bool = False,
         catalog: Any = None,
         labels_of: Callable[[str], np.ndarray] | None = None,
+        input_features: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+        flips: Sequence[bool] = (True, True, True),
     ) -> None:
         self.pairs = pairs_of(_as_records(source, catalog), split)
         if not self.pairs:
@@ -176,10 +180,20 @@ class PairedImageDataset(Dataset):
         self.split = split
         self.crop: tuple[int, int] | None = crop
         self.augment = augment
+        #: which of (hflip, vflip, transpose) augmentation may draw (the recipe's ``train.augment``)
+        self.flips = tuple(bool(f) for f in flips)
+        if len(self.flips) != 3:
+            raise ValueError(f"flips must be three flags (hflip, vflip, transpose), got {flips!r}")
         self.seed = seed
         self.epoch = 0
         self.extra_targets = dict(extra_targets or {})
-        clash = set(self.extra_targets) & {"image", "high", "mask", "low", "key", "crop", "flip", "labels"}
+        #: ``{name: fn(full low image, HWC uint8) -> array (H, W[, C])}``: computed on the whole image *before*
+        #: the crop (LLFlow equalises the full image's histogram, as released), then cropped and flipped alike
+        self.input_features = dict(input_features or {})
+        reserved = {"image", "high", "mask", "low", "key", "crop", "flip", "labels"}
+        clash = ((set(self.extra_targets) | set(self.input_features)) & reserved) | (
+            set(self.extra_targets) & set(self.input_features)
+        )
         if clash:
             raise ValueError(f"extra target names {sorted(clash)} collide with sample keys; rename them")
         self.priors_loader = priors_loader
@@ -231,6 +245,7 @@ class PairedImageDataset(Dataset):
         if low.shape != high.shape:
             raise ValueError(f"{low_rec.uri} and {high_rec.uri} differ in size: {low.shape} vs {high.shape}")
         extras = {name: fn(low_rec.sha256) for name, fn in self.extra_targets.items()}
+        extras.update({name: fn(low) for name, fn in self.input_features.items()})
         if self.labels_of is not None:
             extras["labels"] = self.labels_of(low_rec.sha256)
         for name, arr in extras.items():
@@ -243,7 +258,8 @@ class PairedImageDataset(Dataset):
         top, left, ch, cw = self._crop_box(*low.shape[:2], rng, low_rec.uri)
         # Flips are drawn here, not inside albumentations: a freshly seeded Compose gives every transform the
         # same random stream, which would make the three flips all-or-nothing.
-        hflip, vflip, transpose = (bool(b) for b in rng.random(3) < 0.5) if self.augment else (False,) * 3
+        drawn = rng.random(3) < 0.5 if self.augment else (False,) * 3
+        hflip, vflip, transpose = (bool(b) and on for b, on in zip(drawn, self.flips, strict=True))
         transpose = transpose and ch == cw  # keeps every sample of a batch the same shape
         chosen = [(hflip, A.HorizontalFlip), (vflip, A.VerticalFlip), (transpose, A.Transpose)]
         compose = A.Compose(

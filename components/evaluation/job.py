@@ -262,6 +262,13 @@ def _score(
     split = _split_name("test", protocol)
     paired_metrics = tuple(metrics or PAIRED_DEFAULT)
     reports = [evaluate_pairs(outs, highs, protocol, paired_metrics, names=names, device=dev, split=split)]
+    for side in _side_protocols(enhancer, protocol):  # LLFlow: GT-mean next to raw, as its paper rows
+        log(f"also scoring under {side} (the protocol of this baseline's published numbers)")
+        reports.append(
+            evaluate_pairs(
+                outs, highs, side, paired_metrics, names=names, device=dev, split=_split_name("test", side)
+            )
+        )
     log(f"scoring the classic references (input, gamma, CLAHE, histogram equalisation) under {protocol}")
     references = score_references(lows, highs, protocol, paired_metrics, names=names, device=dev, split=split)
     unpaired_protocol = protocol if get_protocol(protocol).brightness == "none" else "raw"
@@ -279,6 +286,15 @@ def _score(
             )
         )
     return _Scores(reports, references, list(zip(lows, outs, highs, strict=True))[:GRID_IMAGES])
+
+
+def _side_protocols(enhancer: Any, protocol: str) -> list[str]:
+    """The family's extra protocols (``side_protocols``) other than the requested one."""
+    from components.evaluation import get_protocol
+
+    family = getattr(enhancer, "family", None)
+    wanted = get_protocol(protocol).name
+    return [p for p in getattr(family, "side_protocols", ()) if get_protocol(p).name != wanted]
 
 
 def comparison_lines(

@@ -127,7 +127,8 @@ def build_skb(plan: TrainingPlan, device: str | None = None) -> Any:
     """The plan's SKB (strictly loaded from its checkpoint, or seeded random weights), or ``None``."""
     if plan.skb is None:
         return None
-    return registry.create(plan.skb, checkpoint=plan.skb_checkpoint, device=device)
+    settings = plan.recipe.skf.skb_settings  # e.g. LLFlow-SKF: the log image, and optionally train-mode BN
+    return registry.create(plan.skb, checkpoint=plan.skb_checkpoint, device=device, **settings)
 
 
 def ensure_priors(version_ref: str, skb: Any, splits: tuple[str, ...] = ("train",)) -> None:
@@ -148,17 +149,23 @@ def _datasets(version: Any, plan: TrainingPlan, labelled: bool = False) -> tuple
     """Train set and validation loader; ``labelled``: samples carry their label maps (a label-fed SKB)."""
     from torch.utils.data import DataLoader
 
+    from components.baselines import get_family
     from components.data.torch_dataset import PairedImageDataset, carve_validation, label_loader
 
     seed, val_fraction = plan.recipe.train.seed, plan.val_fraction
     records = carve_validation(version, val_fraction, seed=seed) if val_fraction > 0 else list(version.images)
     labels_of = label_loader(version) if labelled else None
+    features = get_family(plan.recipe.baseline).input_features()  # LLFlow: histeq of the whole image
+    aug = plan.recipe.train.augment
     train_ds = PairedImageDataset(
-        records, "train", crop=plan.recipe.train.crop, augment=True, seed=seed, labels_of=labels_of
-    )
+        records, "train", crop=plan.recipe.train.crop, augment=True, seed=seed, labels_of=labels_of,
+        input_features=features, flips=(aug.hflip, aug.vflip, aug.transpose),
+    )  # fmt: skip
     if val_fraction <= 0:
         return train_ds, None
-    val_ds = PairedImageDataset(records, "val", crop=None, augment=False, seed=seed, labels_of=labels_of)
+    val_ds = PairedImageDataset(
+        records, "val", crop=None, augment=False, seed=seed, labels_of=labels_of, input_features=features
+    )
     return train_ds, DataLoader(val_ds, batch_size=1, shuffle=False)
 
 
