@@ -71,8 +71,10 @@ def equalize_histogram(image: Tensor) -> Tensor:
     occupied = hist > 0
     first = torch.where(occupied, cdf, torch.full_like(cdf, float(h * w) + 1)).amin(-1, keepdim=True)
     total = float(h * w)
-    scale = 255.0 / (total - first).clamp_min(1.0)
-    lut = ((cdf - first) * scale).round().clamp(0, 255)
+    # cv2 computes the scale and the LUT in float32 and rounds half to even: the same arithmetic here, so
+    # exact halves land on the same level (float64 would round some of them the other way)
+    scale = torch.full_like(first, 255.0, dtype=torch.float32) / (total - first).clamp_min(1.0).float()
+    lut = ((cdf - first).float() * scale).round().clamp(0, 255)
     constant = first >= total  # one occupied level: cv2 leaves the image as it is
     lut = torch.where(constant, torch.arange(256, device=image.device, dtype=lut.dtype), lut)
     out = lut.gather(2, levels) / 255.0
@@ -157,24 +159,28 @@ class ActNorm(nn.Module):
 class InvertibleConv1x1(nn.Module):
     """Glow's invertible 1×1 convolution (full ``weight``, orthogonal init), log-det = H·W·log|det W|.
 
-    The reverse pass needs W⁻¹. Outside training it is computed once per weight (in float64) and kept, so
-    inference and export see a constant instead of a matrix inversion in the graph.
+    The reverse pass needs W⁻¹ (computed in float64). Outside training it is computed once per weight
+    version and kept, so inference and export see a constant instead of a matrix inversion in the graph;
+    an in-place weight update (an EMA copy, a load) gives a new version and a fresh inverse.
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.linalg.qr(torch.randn(channels, channels))[0])
         self._inverse: Tensor | None = None
+        self._inverse_key: tuple[Any, ...] | None = None
 
     def _inverse_weight(self) -> Tensor:
         w = self.weight
-        if self.training and torch.is_grad_enabled():
+        if self.training:
             return torch.linalg.inv(w.double()).to(w.dtype)
+        key = (w.dtype, w.device, w._version, w.data_ptr())
         cached = self._inverse
-        if cached is None or cached.dtype != w.dtype or cached.device != w.device:
-            with torch.no_grad():
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if cached is None or (not tracing and self._inverse_key != key):
+            with torch.no_grad():  # outside training: once per weight (an in-place update makes a new key)
                 cached = torch.linalg.inv(w.detach().double()).to(w.dtype)
-            self._inverse = cached
+            self._inverse, self._inverse_key = cached, key
         return cached
 
     def refresh(self) -> None:

@@ -133,6 +133,41 @@ def test_family_pyfunc_round_trip(family: BaselineFamily, skf: bool, skb: Any, s
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+def _exported_vs_eager(family: BaselineFamily, skf: bool, skb: Any, fmt: str, tmp_path: Path) -> float:
+    """Largest difference between the exported enhancer (traced at 36×44) and eager PyTorch."""
+    from components.export import example_input, export_enhancer
+
+    torch.manual_seed(3)
+    net = create(family.spec, skf=skf, **family.smoke_model)
+    enhancer = Enhancer(net, skb if skf else None, make_spec(family.spec, net, skb if skf else None,
+                        baseline_kwargs=family.smoke_model)).eval()  # fmt: skip
+    x = example_input(36, 44)
+    with torch.no_grad():
+        expected = enhancer(x).numpy()
+    path = export_enhancer(enhancer, tmp_path / f"enhancer.{fmt}", fmt, height=36, width=44)  # type: ignore[arg-type]
+    if fmt == "torchscript":
+        with torch.no_grad():
+            got = torch.jit.load(str(path))(x).numpy()
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (got,) = session.run(["enhanced"], {"image": x.numpy()})
+    return float(np.abs(got - expected).max())
+
+
+@pytest.mark.parametrize("skf", [False, True], ids=["plain", "skf"])
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_family_exports_to_torchscript(family: BaselineFamily, skf: bool, skb: Any, tmp_path: Path) -> None:
+    assert _exported_vs_eager(family, skf, skb, "torchscript", tmp_path) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_family_exports_to_onnx(family: BaselineFamily, skb: Any, tmp_path: Path) -> None:
+    assert _exported_vs_eager(family, True, skb, "onnx", tmp_path) < 1e-4
+
+
 def _se_specs() -> list[str]:
     return sorted(e.key for e in registry.entries("se"))
 

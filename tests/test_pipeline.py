@@ -114,24 +114,28 @@ def test_presets_and_prefect_yaml_deployments_validate() -> None:
     from flows.commands.pipeline import served_deployments
     from flows.pipeline import SkfTrainParams, available_presets, resolve_params
 
-    assert {"demo", "lol-v1", "lol-v2"} <= set(available_presets())
+    trained = ("lol-v1", "lol-v2", "snr-net-lol-v1", "drbn-lol-v2", "demo")
+    assert set(trained) <= set(available_presets())
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    assert set(by_name) == {"lol-v1", "lol-v2", "demo", "nightly"}
+    assert set(by_name) == {*trained, "nightly"}
     pools = {name: d["work_pool"]["name"] for name, d in by_name.items()}
-    assert pools == {"lol-v1": "gpu", "lol-v2": "gpu", "demo": "cpu", "nightly": "gpu"}
+    assert pools == {**dict.fromkeys(trained, "gpu"), "demo": "cpu", "nightly": "gpu"}
     planned = {}
-    for name in ("lol-v1", "lol-v2", "demo"):
+    for name in trained:
         params = SkfTrainParams.model_validate(by_name[name]["parameters"]["params"])
         p = params.plan()
         planned[name] = (p.recipe.name, p.baseline, p.skb)
     # One YAML per run: the preset names the recipe, the recipe says the baseline and the SKB.
+    # skf-train/lol-v1 and lol-v2 train the paper's best model; DRBN and SNR-Net stay a preset away.
     assert planned == {
-        "lol-v1": ("snr-net-skf", "baseline/snr-net@1", "skb/hrnet-w48-pascal@1"),
-        "lol-v2": ("drbn-skf", "baseline/drbn@1", "skb/hrnet-w48-pascal@1"),
+        "lol-v1": ("llflow-l-skf", "baseline/llflow-l@1", "skb/hrnet-w48-pascal@1"),
+        "lol-v2": ("llflow-l-skf", "baseline/llflow-l@1", "skb/hrnet-w48-pascal@1"),
+        "snr-net-lol-v1": ("snr-net-skf", "baseline/snr-net@1", "skb/hrnet-w48-pascal@1"),
+        "drbn-lol-v2": ("drbn-skf", "baseline/drbn@1", "skb/hrnet-w48-pascal@1"),
         "demo": ("demo", "baseline/snr-net@1", "skb/hrnet-w48-lite@1"),
     }
-    for name in ("lol-v1", "lol-v2", "demo"):
+    for name in trained:
         preset = yaml.safe_load((REPO / "configs" / "pipelines" / f"{name}.yaml").read_text())
         assert not {"baseline", "components"} & set(preset) and "overrides" not in preset["training"]
     assert by_name["lol-v2"]["parameters"]["params"]["dataset"]["source"].startswith("s3://")
@@ -176,7 +180,7 @@ def test_invalid_parameters_name_the_problem(
 def test_unknown_preset_lists_the_available_ones() -> None:
     from flows.pipeline import SkfTrainParams
 
-    with pytest.raises(ValueError, match=r"unknown pipeline preset 'nope'; available: demo, lol-v1, lol-v2"):
+    with pytest.raises(ValueError, match=r"unknown pipeline preset 'nope'; available: demo, drbn-lol-v2, lol-v1, lol-v2, snr-net-lol-v1"):
         SkfTrainParams.model_validate({"preset": "nope"})
 
 

@@ -62,6 +62,7 @@ class LLFlowRoutine(BaselineRoutine):
         mean = self.nll.choose_mean(color_map, high)
         enc = enc._replace(z=z, color_map=color_map, logdet=enc.logdet.float(), mean=mean)
         nll = self.reconstruction(enc, high, step)
+        ctx.check_finite(nll, "loss 'nll'")  # a flow's likelihood is the first thing to blow up: say so
         loss = nll
         metrics = {"nll": nll.detach()}
         if self.sch is not None and self.sch.should_apply(step):
