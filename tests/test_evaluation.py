@@ -106,9 +106,9 @@ def test_paper_gt_mean_truncates_with_swapped_gray_weights() -> None:
     out = torch.tensor([0.2, 0.4, 0.8]).view(1, 3, 1, 1).expand(1, 3, 8, 8).contiguous()
     prepared, _ = proto.prepare(out, gt)
     gray = lambda x: 0.114 * x[0] + 0.587 * x[1] + 0.299 * x[2]  # noqa: E731 - cv2 BGR2GRAY on RGB data
-    g_out = gray([round(v * 255) / 255 for v in (0.2, 0.4, 0.8)])
-    g_gt = gray([round(v * 255) / 255 for v in (0.8, 0.4, 0.2)])
-    expected = [math.floor(round(v * 255) * g_gt / g_out) for v in (0.2, 0.4, 0.8)]
+    g_gt = gray([round(v * 255) / 255 for v in (0.8, 0.4, 0.2)])  # the GT is an 8-bit image
+    mean_out = (0.2 + 0.4 + 0.8) / 3  # LLFlow's test.py: np.mean over the float output's RGB values
+    expected = [math.floor(v * g_gt / mean_out * 255) for v in (0.2, 0.4, 0.8)]  # rescale, then truncate
     assert (prepared[0, :, 0, 0] * 255).round().tolist() == expected
 
 

@@ -18,9 +18,10 @@ this package produces carries its protocol (:meth:`Protocol.record`). Four proto
     ``structural_similarity(channel_axis=-1, data_range=255)`` (7x7 uniform window, sample covariance,
     per-channel mean), LPIPS on ``x / 127.5 - 1``. Implemented in torch (:mod:`.skimage_compat`).
 ``paper-gt-mean``
-    the LLFlow-SKF ``test.py``/``Measure.py`` numbers: ``paper`` metrics after the GT-mean rescale with the
-    gray weights of OpenCV's BGR2GRAY applied to an RGB array (R and B weights swapped, a quirk of the
-    released code), clamped, and truncated (not rounded) to uint8.
+    the LLFlow-SKF ``test.py``/``Measure.py`` numbers: ``paper`` metrics after the GT-mean rescale of the
+    *float* output: multiplied by the GT's gray mean (the gray weights of OpenCV's BGR2GRAY applied to an
+    RGB array: R and B swapped, a quirk of the released code) over the mean of all the output's RGB values,
+    clamped, and only then truncated (not rounded) to uint8.
 """
 
 from __future__ import annotations
@@ -57,13 +58,19 @@ class Protocol:
     )
     psnr: str = "pyiqa"  # key of _PSNR_VARIANTS
     ssim: str = "pyiqa-ssimc"  # key of _SSIM_VARIANTS
+    #: GT-mean divisor: the output's gray mean, or (LLFlow's test.py) the mean over all its RGB values
+    output_mean: str = "gray"
+    #: 8-bit protocols: round the output to uint8 before the GT-mean rescale (False: rescale the float
+    #: output, then quantise once, as LLFlow's test.py)
+    quantise_output_first: bool = True
 
     def record(self) -> dict[str, str]:
         """The protocol as flat strings, stored with every number (report, CSV, MLflow params)."""
         scale = "none"
         if self.brightness == "gt-mean":
             w = ", ".join(f"{v:g}" for v in self.gray_weights)
-            scale = f"output *= mean_gray(GT)/mean_gray(output), gray = ({w}) . RGB, then clamp"
+            divisor = "mean_gray(output)" if self.output_mean == "gray" else "mean over RGB(output)"
+            scale = f"output *= mean_gray(GT)/{divisor}, gray = ({w}) . RGB, then clamp"
         return {
             "protocol": self.name,
             "colour_space": "RGB",
@@ -89,13 +96,15 @@ class Protocol:
                 f"reference images must lie in [0, 1] (got {ref.min().item():.4f}..{ref.max().item():.4f}); "
                 "pass uint8 tensors or divide by 255"
             )
+        rescale = self.brightness == "gt-mean"
         if self.eight_bit:
-            out = quantise(out, "round")
+            if self.quantise_output_first or not rescale:
+                out = quantise(out, "round")
             ref = None if ref is None else quantise(ref, "round")
-        if self.brightness == "gt-mean":
+        if rescale:
             if ref is None:
                 raise ValueError(f"protocol {self.name!r} rescales by the reference: it needs paired images")
-            out = gt_mean_rescale(out, ref, self.gray_weights)
+            out = gt_mean_rescale(out, ref, self.gray_weights, output_mean=self.output_mean)
             if self.eight_bit:
                 out = quantise(out, self.requantise)
         return out, ref
@@ -129,10 +138,22 @@ def gray_mean(x: torch.Tensor, weights: tuple[float, float, float] = BT601) -> t
 
 
 def gt_mean_rescale(
-    output: torch.Tensor, reference: torch.Tensor, weights: tuple[float, float, float] = BT601
+    output: torch.Tensor,
+    reference: torch.Tensor,
+    weights: tuple[float, float, float] = BT601,
+    *,
+    output_mean: str = "gray",
 ) -> torch.Tensor:
-    """Scale each output so its mean gray level matches its reference's, then clamp to [0, 1]."""
-    scale = gray_mean(reference, weights) / gray_mean(output, weights).clamp_min(1e-8)
+    """Scale each output so its mean level matches its reference's mean gray level, then clamp to [0, 1].
+
+    ``output_mean="rgb"`` divides by the mean over all the output's RGB values (LLFlow's ``test.py``).
+    """
+    if output_mean not in ("gray", "rgb"):
+        raise ValueError(f"output_mean must be 'gray' or 'rgb', got {output_mean!r}")
+    divisor = (
+        gray_mean(output, weights) if output_mean == "gray" else output.mean(dim=(1, 2, 3), keepdim=True)
+    )
+    scale = gray_mean(reference, weights) / divisor.clamp_min(1e-8)
     return (output * scale).clamp(0.0, 1.0)
 
 
@@ -152,11 +173,13 @@ PROTOCOLS: dict[str, Protocol] = {
         ),
         Protocol(
             "paper-gt-mean",
-            "LLFlow-SKF test.py: GT-mean (swapped gray weights), truncated uint8, skimage metrics",
+            "LLFlow-SKF test.py: GT-mean (swapped gray weights, RGB-mean divisor), truncated uint8, skimage",
             eight_bit=True,
             brightness="gt-mean",
             gray_weights=BT601_SWAPPED,
             requantise="truncate",
+            output_mean="rgb",
+            quantise_output_first=False,
             psnr="skimage",
             ssim="skimage",
         ),
