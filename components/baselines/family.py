@@ -72,6 +72,8 @@ class BaselineFamily:
     #: recipe overrides (dotted keys) without which ``smoke_model`` does not learn at a CPU budget; the
     #: learning benchmark and its test apply them (the released recipes stay as released)
     smoke_recipe: ClassVar[dict[str, Any]] = {}
+    #: SKB settings of the released *test* (``components.released``): what reproduces the released numbers
+    released_skb_settings: ClassVar[dict[str, Any]] = {}
     #: evaluation protocols reported next to the requested one (LLFlow: ``gt-mean``, as its paper rows)
     side_protocols: ClassVar[tuple[str, ...]] = ()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _override_value(key: str, value: str) -> Any:
+    if _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-6 (no dot) as a string; users mean a number
+        return float(value)
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError as exc:

@@ -142,7 +142,35 @@ def promote_command(
     typer.echo(decision.to_markdown())
 
 
+def import_released_command(
+    baseline: str = typer.Argument(..., help="Baseline spec or name, e.g. baseline/llflow-l@1."),
+    checkpoint: str = typer.Argument(..., help="The released file (path, s3:// or https://)."),
+    sha256: str = typer.Option(..., "--sha256", help="Full sha256 of that file (checked before it is read)."),
+    name: str = typer.Option(..., "--name", help="Registered model name, e.g. llflow-l-skf-released."),
+    plain: bool = typer.Option(False, "--plain", help="A plain baseline checkpoint (no SE blocks, no SKB)."),
+    skb: str = typer.Option("skb/hrnet-w48-pascal@1", help="SKB spec the SE blocks were trained with."),
+    skb_checkpoint: str | None = typer.Option(None, help="HRNet checkpoint path/URI (pinned, see README)."),
+    bn_mode: str | None = typer.Option(None, help="Override the released test's SKB BN mode (eval|train)."),
+    override: list[str] = typer.Option([], "--set", help="Network size override model.KEY=VALUE."),
+) -> None:
+    """Register an author-released checkpoint (loaded strictly) as a model `skf evaluate` can score."""
+    from components.released import import_released
+    from flows.commands.pipeline import parse_overrides
+
+    model = {k.removeprefix("model."): v for k, v in parse_overrides(override).items()}
+    settings = {"bn_mode": bn_mode} if bn_mode else None
+    result = import_released(
+        baseline, checkpoint, sha256=sha256, name=name, skf=not plain, skb=skb, skb_checkpoint=skb_checkpoint,
+        skb_settings=settings, model=model,
+    )  # fmt: skip
+    typer.echo(
+        f"registered {result.model_uri} ({result.baseline}, {result.tensors} tensors, sha256 "
+        f"{result.checkpoint_sha256[:12]}...); next: skf evaluate {result.model_uri} NAME@V --protocol paper-gt-mean"
+    )
+
+
 def register(app: typer.Typer) -> None:
+    app.command("import-released")(import_released_command)
     app.command("enhance")(enhance_command)
     app.command("export")(export_command)
     app.command("promote")(promote_command)
