@@ -122,6 +122,27 @@ class LossTerm(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class StageConfig(_Strict):
+    """One stage of a multi-stage recipe (Retinex-style baselines train sub-networks in sequence).
+
+    ``modules`` are the family's sub-networks trained in this stage (the others are frozen); ``losses``
+    the stage's terms, named as the family's stage declares them. Only the final stage trains with the
+    semantic losses (the paper's rule): ``sch``/``sa`` default to the recipe's ``skf`` switches on the
+    final stage and off elsewhere; asking for them on another stage is an error.
+    """
+
+    name: str = Field(min_length=1)
+    modules: list[str] = Field(min_length=1)
+    iterations: int = Field(gt=0, description="optimisation steps of this stage")
+    losses: dict[str, LossTerm] = Field(min_length=1)
+    optimizer: OptimizerConfig | None = Field(None, description="default: the recipe's optimizer")
+    scheduler: SchedulerConfig | None = Field(None, description="default: constant learning rate")
+    batch_size: int | None = Field(None, gt=0, description="default: train.batch_size")
+    crop: int | None = Field(None, gt=0, description="default: train.crop")
+    sch: bool | None = None
+    sa: bool | None = None
+
+
 class SCHConfig(_Strict):
     """Semantic-guided colour-histogram loss (docs/method.md §4)."""
 
@@ -195,8 +216,11 @@ class Recipe(_Strict):
     optimizer: OptimizerConfig
     scheduler: SchedulerConfig = SchedulerConfig()
     train: TrainConfig
-    losses: dict[str, LossTerm]
+    losses: dict[str, LossTerm] = Field(default_factory=dict)
     skf: SKFConfig = SKFConfig()
+    stages: list[StageConfig] = Field(
+        default_factory=list, description="sub-networks trained in sequence (empty: one stage, `losses`)"
+    )
 
     @field_validator("baseline")
     @classmethod
@@ -215,15 +239,57 @@ class Recipe(_Strict):
     @field_validator("losses")
     @classmethod
     def _known_losses(cls, v: dict[str, LossTerm]) -> dict[str, LossTerm]:
-        if not v:
-            raise ValueError("at least one reconstruction loss is required")
         unknown = sorted(set(v) - set(BASELINE_LOSSES))
         if unknown:
             raise ValueError(f"unknown loss(es) {unknown}; available: {sorted(BASELINE_LOSSES)}")
         return v
 
     @model_validator(mode="after")
+    def _losses_or_stages(self) -> Recipe:
+        if not self.stages:
+            if not self.losses:
+                raise ValueError("at least one reconstruction loss is required")
+            return self
+        if self.losses:
+            raise ValueError("a staged recipe names its losses per stage (stages[].losses), not in `losses`")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        for stage in self.stages[:-1]:
+            for module, on in (("sch", stage.sch), ("sa", stage.sa)):
+                if on:
+                    raise ValueError(
+                        f"stage {stage.name!r} asks for {module.upper()}, but only the final stage "
+                        f"({self.stages[-1].name!r}) trains with the semantic losses; remove stages[].{module}"
+                    )
+        total = sum(s.iterations for s in self.stages)
+        if self.train.iterations != total:
+            raise ValueError(
+                f"train.iterations ({self.train.iterations}) must equal the sum of the stages' iterations "
+                f"({total}: {', '.join(f'{s.name} {s.iterations}' for s in self.stages)})"
+            )
+        return self
+
+    def stage_semantics(self, stage: StageConfig) -> tuple[bool, bool]:
+        """Whether ``stage`` trains with SCH and SA: the recipe's switches, on the final stage only."""
+        final = stage.name == self.stages[-1].name
+        sch = self.skf.sch.enabled if stage.sch is None else stage.sch
+        sa = self.skf.sa.enabled if stage.sa is None else stage.sa
+        return sch and final, sa and final
+
+    @model_validator(mode="after")
     def _schedule_fits(self) -> Recipe:
+        for stage in self.stages:
+            sched = stage.scheduler
+            if sched is not None and (
+                (sched.milestones and sched.milestones[-1] >= stage.iterations)
+                or sched.warmup >= stage.iterations
+            ):
+                raise ValueError(
+                    f"stage {stage.name!r}: its schedule does not fit its {stage.iterations} iterations"
+                )
+        if self.stages:
+            return self
         last = self.scheduler.milestones[-1] if self.scheduler.milestones else 0
         if last >= self.train.iterations:
             raise ValueError(

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
+from pipeline_fixtures import make_tiny_dataset, tiny_params
 from torch.utils.data import Dataset
 
 from components.baselines import get_family
 from components.recipes import load_recipe
 from components.registry import create
-from tests.pipeline_fixtures import make_tiny_dataset, tiny_params
 
 SMOKE = {f"model.{k}": v for k, v in get_family("llflow-s").smoke_model.items()}
 SHORT = {"scheduler": {"name": "constant", "milestones": None, "warmup": 0}, "train.precision": "fp32"}

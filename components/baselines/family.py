@@ -28,6 +28,7 @@ __all__ = [
     "BaselineFamily",
     "PriorsFor",
     "SESlot",
+    "StageSpec",
     "UnknownFamilyError",
     "families",
     "get_family",
@@ -45,6 +46,14 @@ class SESlot(NamedTuple):
 
     path: str
     prior: str  # "F0", "F1", "F2" (features at 1/4, 1/8, 1/16) or "Z" (class logits)
+
+
+class StageSpec(NamedTuple):
+    """A training stage a multi-stage family knows: the sub-networks it may train and its loss terms."""
+
+    name: str
+    modules: tuple[str, ...]
+    losses: tuple[str, ...]
 
 
 class UnknownFamilyError(UserInputError, KeyError):
@@ -72,6 +81,9 @@ class BaselineFamily:
     #: recipe overrides (dotted keys) without which ``smoke_model`` does not learn at a CPU budget; the
     #: learning benchmark and its test apply them (the released recipes stay as released)
     smoke_recipe: ClassVar[dict[str, Any]] = {}
+    #: multi-stage families (Retinex-style): the stages a recipe may list, in training order; the last one
+    #: holds the SE blocks and is the only one trained with SCH/SA. Empty: one stage, the recipe's ``losses``.
+    stages: ClassVar[tuple[StageSpec, ...]] = ()
     #: SKB settings of the released *test* (``components.released``): what reproduces the released numbers
     released_skb_settings: ClassVar[dict[str, Any]] = {}
     #: evaluation protocols reported next to the requested one (LLFlow: ``gt-mean``, as its paper rows)
@@ -127,6 +139,45 @@ class BaselineFamily:
                 known = ", ".join(sorted([*params, "se"]))
                 raise RecipeError(f"model.{key}: unknown key for {self.spec}; known: {known}")
             _check_value(self.spec, key, value, params[key].default)
+
+    def check_stages(self, recipe: Any) -> None:
+        """Reject a recipe whose stages this family cannot train, before any work, saying what it knows."""
+        from components.recipes import RecipeError
+
+        known = {s.name: s for s in self.stages}
+        if not self.stages:
+            if recipe.stages:
+                raise RecipeError(
+                    f"{self.spec} trains in one stage; remove `stages` from recipe {recipe.name!r}"
+                )
+            return
+        if not recipe.stages:
+            raise RecipeError(
+                f"{self.spec} trains in stages ({', '.join(known)}); recipe {recipe.name!r} must list them"
+            )
+        subnetworks = sorted({m for s in self.stages for m in s.modules})
+        for stage in recipe.stages:
+            spec = known.get(stage.name)
+            if spec is None:
+                raise RecipeError(
+                    f"stage {stage.name!r} is not a stage of {self.spec}; known: {', '.join(known)}"
+                )
+            unknown = sorted(set(stage.modules) - set(spec.modules))
+            if unknown:
+                raise RecipeError(
+                    f"stage {stage.name!r} names sub-network(s) {unknown} it cannot train; {self.spec} has "
+                    f"{', '.join(subnetworks)} and stage {stage.name!r} trains {', '.join(spec.modules)}"
+                )
+            terms = sorted(set(stage.losses) - set(spec.losses))
+            if terms:
+                raise RecipeError(
+                    f"stage {stage.name!r} has unknown loss term(s) {terms}; known: {', '.join(spec.losses)}"
+                )
+        if recipe.stages[-1].name != self.stages[-1].name:
+            raise RecipeError(
+                f"the last stage of {self.spec} must be {self.stages[-1].name!r} (it holds the SE blocks and "
+                f"the semantic losses), got {recipe.stages[-1].name!r}"
+            )
 
     def check_se(self, se: str, model: Mapping[str, Any] | None = None) -> None:
         """Fail at planning time, with the reason, when SE variant ``se`` cannot be built into this network."""

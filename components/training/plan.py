@@ -202,6 +202,7 @@ def plan(request: TrainingRequest | Mapping[str, Any] | None = None, /, **fields
         )
     loaded = loaded.model_copy(update={"baseline": baseline_spec})
     check_model_overrides(baseline_spec, loaded.model)
+    family.check_stages(loaded)  # unknown stage, sub-network or loss term: refused before any work
     uses_skb = loaded.skf.enabled
     return TrainingPlan(
         request=req,

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from components.baseline_losses import build_baseline_loss, ssim
 from components.errors import SKFError
-from components.recipes import OptimizerConfig, Recipe, SchedulerConfig
+from components.recipes import OptimizerConfig, Recipe, SchedulerConfig, StageConfig
 from components.registry import create, resolved_spec
 from components.skb import Priors, needs_labels
 from components.training.engine import FitResult, Progress, Trainer, TrainerConfig, select_device
@@ -110,8 +110,18 @@ class BaselineRoutine:
     family's test-time flow); ``validate`` and ``sample_images`` score and show what ``enhance`` returns.
     """
 
-    def __init__(self, family: Any, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
-        if recipe.skf.sa.enabled and not family.supports_sa:
+    def __init__(
+        self,
+        family: Any,
+        net: nn.Module,
+        recipe: Recipe,
+        skb: nn.Module | None,
+        stage: StageConfig | None = None,
+    ) -> None:
+        sch_on, sa_on = (
+            recipe.stage_semantics(stage) if stage else (recipe.skf.sch.enabled, recipe.skf.sa.enabled)
+        )
+        if sa_on and not family.supports_sa:
             raise TrainingSetupError(
                 f"SA is not defined for {family.spec} (docs/method.md §5); set skf.sa.enabled=false"
             )
@@ -120,12 +130,16 @@ class BaselineRoutine:
         self.recipe = recipe
         self.skf = recipe.skf
         self.skb = skb
+        #: the stage this routine trains (multi-stage families) and its loss weights by term name
+        self.stage = stage
+        self.stage_weights = {name: term.weight for name, term in (stage.losses if stage else {}).items()}
+        self.sa_enabled = sa_on
         self.rec_losses = {
             name: (build_baseline_loss(name, **term.params), term.weight, term.every)
             for name, term in recipe.losses.items()
         }
         self.sch = None
-        if self.skf.sch.enabled:
+        if sch_on:
             self.sch = create(
                 SCH_SPEC,
                 num_classes=self._num_classes(),
@@ -135,6 +149,10 @@ class BaselineRoutine:
             )
         self._optimizers: dict[str, Optimizer] | None = None
         self._schedulers: dict[str, LRScheduler] | None = None
+        if stage is not None:
+            trained = {id(p) for m in stage.modules for p in net.get_submodule(m).parameters()}
+            for p in net.parameters():  # the other sub-networks are frozen in this stage
+                p.requires_grad_(id(p) in trained)
 
     def _num_classes(self) -> int:
         return int(getattr(self.skb, "num_classes", 59))
@@ -143,25 +161,40 @@ class BaselineRoutine:
     def modules(self) -> dict[str, nn.Module]:
         return {"net": self.net}
 
+    def _optimizer_config(self) -> OptimizerConfig:
+        return self.stage.optimizer or self.recipe.optimizer if self.stage else self.recipe.optimizer
+
+    def _scheduler_config(self) -> SchedulerConfig:
+        return (self.stage.scheduler or SchedulerConfig()) if self.stage else self.recipe.scheduler
+
     def _param_lrs(self) -> dict[str, tuple[nn.Module, float]]:
-        return {"net": (self.net, self.recipe.optimizer.lr)}
+        lr = self._optimizer_config().lr
+        if self.stage is not None:  # only this stage's sub-networks are optimised
+            return {"net": (nn.ModuleList(self.net.get_submodule(m) for m in self.stage.modules), lr)}
+        return {"net": (self.net, lr)}
 
     def optimizers(self) -> dict[str, Optimizer]:
         if self._optimizers is None:
+            cfg = self._optimizer_config()
             self._optimizers = {
-                name: build_optimizer(
-                    [p for p in m.parameters() if p.requires_grad], self.recipe.optimizer, lr=lr
-                )
+                name: build_optimizer([p for p in m.parameters() if p.requires_grad], cfg, lr=lr)
                 for name, (m, lr) in self._param_lrs().items()
             }
         return self._optimizers
 
     def schedulers(self) -> dict[str, LRScheduler]:
         if self._schedulers is None:
-            self._schedulers = {
-                n: build_scheduler(o, self.recipe.scheduler) for n, o in self.optimizers().items()
-            }
+            cfg = self._scheduler_config()
+            self._schedulers = {n: build_scheduler(o, cfg) for n, o in self.optimizers().items()}
         return self._schedulers
+
+    def weighted(self, terms: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The stage's loss: Σ weight · term over the recipe's terms (computed by the family's step)."""
+        missing = sorted(set(self.stage_weights) - set(terms))
+        if missing:
+            raise TrainingSetupError(f"stage {self.stage.name!r} computed no {missing}")  # type: ignore[union-attr]
+        total = sum((self.stage_weights[n] * terms[n].float() for n in self.stage_weights), torch.zeros(()))
+        return total, {n: terms[n].detach() for n in self.stage_weights}
 
     def enhance(self, low: Tensor, batch: Mapping[str, Any] | None = None) -> Tensor:
         raise NotImplementedError(
@@ -237,12 +270,16 @@ def build_routine(
     recipe: Recipe,
     skb: nn.Module | None = None,
     prior_cache: Any = None,
+    *,
+    stage: StageConfig | None = None,
+    net: nn.Module | None = None,
 ) -> BaselineRoutine:
     """The routine for ``baseline_spec`` (default: the recipe's) with the recipe's SKF switches.
 
     ``skb`` is required whenever the SKB runs inside the step (online mode, DRBN's SCH/SA on its own
     output); ``prior_cache`` (a :class:`~components.prior_cache.PriorCache`) feeds cached mode, through
-    :meth:`priors_loader` on the dataset.
+    :meth:`priors_loader` on the dataset. Multi-stage recipes build one routine per ``stage`` over one
+    shared ``net`` (built here when not given).
     """
     from components.baselines import UnknownFamilyError, families, get_family
 
@@ -252,6 +289,9 @@ def build_routine(
     except UnknownFamilyError:
         known = ", ".join(f.spec for f in families())
         raise TrainingSetupError(f"no training routine for {spec}; supported: {known}") from None
+    family.check_stages(recipe)
+    if recipe.stages and stage is None:
+        stage = recipe.stages[0]
     if skb is None and _needs_skb(recipe):
         raise TrainingSetupError(
             f"recipe {recipe.name!r} (skb_mode={recipe.skf.skb_mode}, SCH/SA on the network output) runs the "
@@ -259,13 +299,15 @@ def build_routine(
         )
     if recipe.skf.enabled and recipe.skf.skb_mode == "cached" and prior_cache is None:
         log.info("cached priors: batches must carry 'priors' (dataset priors_loader); no prior_cache given")
-    try:
-        net = create(spec, **recipe.builder_kwargs())
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TrainingSetupError(
-            f"cannot build {spec} with model overrides {dict(recipe.model)}: {exc}; fix the model.* values"
-        ) from exc
-    routine = family.routine(family, net, recipe, skb)
+    if net is None:
+        try:
+            net = create(spec, **recipe.builder_kwargs())
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TrainingSetupError(
+                f"cannot build {spec} with model overrides {dict(recipe.model)}: {exc}; fix the model.* values"
+            ) from exc
+    staged = {"stage": stage} if stage is not None else {}  # one-stage routines take no stage argument
+    routine = family.routine(family, net, recipe, skb, **staged)
     routine.spec = spec  # type: ignore[attr-defined]
     routine.prior_cache = prior_cache  # type: ignore[attr-defined]
     return routine
@@ -373,6 +415,14 @@ def train(
     loader, so each sample carries priors cut and flipped like its crop. Extra ``params`` (dataset
     version, ...) are logged with the resolved specs, SKB mode and fingerprint.
     """
+    if recipe.stages:
+        from components.training.stages import train_stages
+
+        return train_stages(
+            recipe, train_dataset, val_loader, run_dir=run_dir, skb=skb, prior_cache=prior_cache,
+            baseline_spec=baseline_spec, logger=logger, progress=progress, resume=resume, params=params,
+            **trainer_overrides,
+        )  # fmt: skip
     torch.manual_seed(recipe.train.seed)  # identical network init for a given recipe
     routine = build_routine(baseline_spec, recipe, skb, prior_cache)
     if recipe.train.init_checkpoint:
