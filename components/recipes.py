@@ -396,6 +396,46 @@ def _format_errors(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def scale_stages(stages: list[dict[str, Any]], total: int) -> list[dict[str, Any]]:
+    """Stage dicts rescaled to ``total`` iterations, keeping their proportions (and their schedules').
+
+    What ``--set train.iterations=N`` means for a staged recipe: the same stages, shorter or longer. Each
+    stage keeps at least one step; milestones and warm-ups scale alike (a milestone that no longer falls
+    inside its stage is dropped).
+    """
+    if total < len(stages):
+        raise RecipeError(
+            f"train.iterations={total} cannot hold {len(stages)} stages of at least one step each"
+        )
+    old = [int(s.get("iterations", 0)) for s in stages]
+    factor = total / max(sum(old), 1)
+    raw = [max(1.0, n * factor) for n in old]
+    new = [max(1, int(r)) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - new[i], reverse=True):  # largest remainders
+        if sum(new) >= total:
+            break
+        new[i] += 1
+    while sum(new) > total:  # every stage was lifted to one step
+        new[new.index(max(new))] -= 1
+    out = []
+    for stage, n, before in zip(stages, new, old, strict=True):
+        stage = copy.deepcopy(stage)
+        stage["iterations"] = n
+        sched = stage.get("scheduler")
+        if isinstance(sched, dict) and before:
+            ratio = n / before
+            if sched.get("milestones"):
+                kept = sorted({max(1, round(m * ratio)) for m in sched["milestones"]} - {0})
+                kept = [m for m in kept if m < n]
+                sched["milestones"] = kept or None
+                if not kept:
+                    sched["name"] = "constant"
+            if sched.get("warmup"):
+                sched["warmup"] = min(n - 1, round(sched["warmup"] * ratio))
+        out.append(stage)
+    return out
+
+
 def load_recipe(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
     """Load, merge and validate a recipe.
 
@@ -406,7 +446,15 @@ def load_recipe(name_or_path: str | Path, overrides: Mapping[str, Any] | None = 
     path = _resolve(name_or_path)
     data = _read(path)
     if overrides:
-        data = deep_merge(data, _expand_dotted(overrides))
+        expanded = _expand_dotted(overrides)
+        data = deep_merge(data, expanded)
+        total = (
+            (expanded.get("train") or {}).get("iterations")
+            if isinstance(expanded.get("train"), Mapping)
+            else None
+        )
+        if data.get("stages") and "stages" not in expanded and isinstance(total, int):
+            data["stages"] = scale_stages(data["stages"], total)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

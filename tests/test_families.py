@@ -90,8 +90,10 @@ def test_family_trains_one_step_and_round_trips(
         logger=logger, device="cpu",
     )  # fmt: skip
     assert result.step == 2
-    losses = [v for _, row in logger.metrics for k, v in row.items() if k.startswith("train/")]
+    losses = [v for _, row in logger.metrics for k, v in row.items() if "train/" in k]
     assert losses and all(np.isfinite(losses))
+    for stage in recipe.stages:  # multi-stage families: one step per stage, logged under its name
+        assert any(k.startswith(f"{stage.name}/train/") for _, row in logger.metrics for k in row)
     assert logger.params["component.baseline"] == family.spec
     if skf:
         assert logger.params["component.se"] == family.default_se

@@ -12,11 +12,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from components.baselines.family import BaselineFamily, PriorsFor, SESlot, register_family
-from components.recipes import Recipe
-from components.registry import create
 from components.skb import Priors
 from components.training.engine import StepContext
-from components.training.routines import SA_SPEC, BaselineRoutine
+from components.training.routines import BaselineRoutine
 from models.drbn import DRBN
 
 __all__ = ["DRBNFamily", "DRBNRoutine"]
@@ -24,32 +22,6 @@ __all__ = ["DRBNFamily", "DRBNRoutine"]
 
 class DRBNRoutine(BaselineRoutine):
     """DRBN and DRBN-SKF training (docs/method.md §6.1, §5.3)."""
-
-    def __init__(self, family: BaselineFamily, net: nn.Module, recipe: Recipe, skb: nn.Module | None) -> None:
-        super().__init__(family, net, recipe, skb)
-        self.sa = None
-        if self.skf.sa.enabled:
-            self.sa = create(
-                SA_SPEC,
-                num_classes=self._num_classes(),
-                lam=self.skf.sa.lam,
-                weight=self.skf.sa.weight,
-                official_compat=self.skf.sa.official_compat,
-                precision=self.skf.sa.precision,
-            )
-            self._disc = self.sa.discriminator  # the raw D: checkpointed and optimised
-
-    def modules(self) -> dict[str, nn.Module]:
-        mods = {"net": self.net}
-        if self.sa is not None:
-            mods["disc"] = self._disc
-        return mods
-
-    def _param_lrs(self) -> dict[str, tuple[nn.Module, float]]:
-        lrs = super()._param_lrs()
-        if self.sa is not None:  # D lr = G lr × ratio (official 1e-7), decayed on the same schedule
-            lrs["disc"] = (self._disc, self.recipe.optimizer.lr * self.skf.sa.d_lr_ratio)
-        return lrs
 
     def _sem_source(
         self, batch: Mapping[str, Any], cached: Priors | None
@@ -80,16 +52,11 @@ class DRBNRoutine(BaselineRoutine):
 
         if self.sa is not None:
             assert out_priors is not None
-            if self.sa.discriminator is not ctx.modules["disc"]:  # use the DDP-wrapped D when distributed
-                self.sa.discriminator = ctx.modules["disc"]
             probs = out_priors.probabilities(size)
             real_probs = None
             if not self.sa.official_compat and cached is None:
                 real_probs = self._run_skb(high, grad=False, labels=batch.get("labels")).probabilities(size)
-            d_out = self.sa.discriminator_loss(fake, high, probs, real_probs)
-            # Official-compat D loss is not detached from G, so keep that graph for the G backward.
-            ctx.backward_step(d_out.loss, "disc", name="sa_d", retain_graph=self.sa.official_compat)
-            metrics["d_loss"] = d_out.loss.detach()
+            metrics["d_loss"] = self.discriminator_step(ctx, fake, high, probs, real_probs)
 
         rec = self.reconstruction(outputs, high, step)
         g_loss = rec

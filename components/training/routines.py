@@ -147,6 +147,19 @@ class BaselineRoutine:
                 normalizer=self.skf.sch.normalizer,
                 every=self.skf.sch.every,
             )
+        #: SA (the families that support it, on their final stage): the loss and its raw discriminator,
+        #: which is checkpointed and optimised next to the network
+        self.sa = None
+        if sa_on:
+            self.sa = create(
+                SA_SPEC,
+                num_classes=self._num_classes(),
+                lam=self.skf.sa.lam,
+                weight=self.skf.sa.weight,
+                official_compat=self.skf.sa.official_compat,
+                precision=self.skf.sa.precision,
+            )
+            self._disc = self.sa.discriminator
         self._optimizers: dict[str, Optimizer] | None = None
         self._schedulers: dict[str, LRScheduler] | None = None
         if stage is not None:
@@ -159,7 +172,7 @@ class BaselineRoutine:
 
     # TrainingRoutine -------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.net}
+        return {"net": self.net, "disc": self._disc} if self.sa is not None else {"net": self.net}
 
     def _optimizer_config(self) -> OptimizerConfig:
         return self.stage.optimizer or self.recipe.optimizer if self.stage else self.recipe.optimizer
@@ -170,8 +183,28 @@ class BaselineRoutine:
     def _param_lrs(self) -> dict[str, tuple[nn.Module, float]]:
         lr = self._optimizer_config().lr
         if self.stage is not None:  # only this stage's sub-networks are optimised
-            return {"net": (nn.ModuleList(self.net.get_submodule(m) for m in self.stage.modules), lr)}
-        return {"net": (self.net, lr)}
+            lrs = {"net": (nn.ModuleList(self.net.get_submodule(m) for m in self.stage.modules), lr)}
+        else:
+            lrs = {"net": (self.net, lr)}
+        if self.sa is not None:  # D lr = G lr × ratio (official 1e-7), decayed on the same schedule
+            lrs["disc"] = (self._disc, lr * self.skf.sa.d_lr_ratio)
+        return lrs
+
+    def discriminator_step(
+        self, ctx: Any, fake: Tensor, high: Tensor, probs: Tensor, real_probs: Tensor | None = None
+    ) -> Tensor:
+        """One SA discriminator update on (fake, real) with the class masks; returns its loss (detached).
+
+        Call it before the generator's loss is assembled; the generator term is
+        ``self.sa.generator_loss(fake, probs)``.
+        """
+        assert self.sa is not None
+        if self.sa.discriminator is not ctx.modules["disc"]:  # use the DDP-wrapped D when distributed
+            self.sa.discriminator = ctx.modules["disc"]
+        d_out = self.sa.discriminator_loss(fake, high, probs, real_probs)
+        # Official-compat D loss is not detached from G, so keep that graph for the G backward.
+        ctx.backward_step(d_out.loss, "disc", name="sa_d", retain_graph=self.sa.official_compat)
+        return d_out.loss.detach()
 
     def optimizers(self) -> dict[str, Optimizer]:
         if self._optimizers is None:
