@@ -47,25 +47,29 @@ class WorkCounter:
 def install_work_spies(monkeypatch: pytest.MonkeyPatch) -> WorkCounter:
     """Count SKB forward passes, training iterations and model registrations done in this process."""
     import components.model_registry as mr
-    from components.baselines.snr_net import SNRRoutine
+    from components.baselines import families
     from components.skb import SemanticKnowledgeBank
 
     counter = WorkCounter()
-    forward, step, log_enhancer = SemanticKnowledgeBank.forward, SNRRoutine.train_step, mr.log_enhancer
+    forward, log_enhancer = SemanticKnowledgeBank.forward, mr.log_enhancer
 
     def counted_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         counter.skb_forwards += 1
         return forward(self, *args, **kwargs)
 
-    def counted_step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        counter.train_steps += 1
-        return step(self, *args, **kwargs)
+    def counting(step: Any) -> Any:
+        def counted_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+            counter.train_steps += 1
+            return step(self, *args, **kwargs)
+
+        return counted_step
 
     def counted_log(*args: Any, **kwargs: Any) -> Any:
         counter.registrations += 1
         return log_enhancer(*args, **kwargs)
 
     monkeypatch.setattr(SemanticKnowledgeBank, "forward", counted_forward)
-    monkeypatch.setattr(SNRRoutine, "train_step", counted_step)
+    for routine in {f.routine for f in families()}:  # every family's training step
+        monkeypatch.setattr(routine, "train_step", counting(routine.train_step))
     monkeypatch.setattr(mr, "log_enhancer", counted_log)
     return counter

@@ -378,9 +378,10 @@ def _train_leased(
     """Train while holding the run's lease; the row and the MLflow run end finished or failed, never running."""
     from components.catalog.leases import LeaseLostError, release_lease, update_leased
     from components.settings import get_settings
+    from components.training.stages import has_checkpoint
 
     run_dir = get_settings().home / "runs" / job.digest[:16]
-    resuming = bool(job.previous_run) and (run_dir / "checkpoints" / "latest.pt").is_file()
+    resuming = bool(job.previous_run) and has_checkpoint(run_dir)
     logger = None
     try:
         logger = _open_logger(job)

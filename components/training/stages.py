@@ -33,7 +33,7 @@ from components.training.checkpoint import load_training_state
 from components.training.engine import FitResult, Progress, Trainer
 from components.training.loggers import NullLogger, RunLogger
 
-__all__ = ["StageLogger", "stage_dir", "train_stages"]
+__all__ = ["StageLogger", "has_checkpoint", "stage_dir", "train_stages"]
 
 log = logging.getLogger(__name__)
 DONE = "done.json"
@@ -44,11 +44,20 @@ def stage_dir(run_dir: str | os.PathLike[str], index: int, stage: StageConfig) -
     return Path(run_dir) / "stages" / f"{index + 1}-{stage.name}"
 
 
-class StageLogger:
-    """A :class:`RunLogger` for one stage of a shared run: prefixed metrics, global steps, stage params."""
+def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether a run directory holds any training checkpoint, single-stage or of some stage."""
+    root = Path(run_dir)
+    return (root / "checkpoints" / "latest.pt").is_file() or any(root.glob("stages/*/checkpoints/latest.pt"))
 
-    def __init__(self, inner: RunLogger, stage: str, offset: int) -> None:
-        self.inner, self.stage, self.offset = inner, stage, offset
+
+class StageLogger:
+    """A :class:`RunLogger` for one stage of a shared run: prefixed metrics, global steps, stage params.
+
+    The final stage's checkpoint artifact keeps the unprefixed path: it is the run's trained network.
+    """
+
+    def __init__(self, inner: RunLogger, stage: str, offset: int, *, final: bool = False) -> None:
+        self.inner, self.stage, self.offset, self.final = inner, stage, offset, final
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         # the engine's settings differ per stage (iterations, batch size): MLflow params cannot change
@@ -63,7 +72,10 @@ class StageLogger:
         self.inner.log_image(image, f"{self.stage}/{name}", self.offset + step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.inner.log_artifact(path, f"{self.stage}/{artifact_path}" if artifact_path else self.stage)
+        if self.final:
+            self.inner.log_artifact(path, artifact_path)
+        else:
+            self.inner.log_artifact(path, f"{self.stage}/{artifact_path}" if artifact_path else self.stage)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.inner.set_tags({**tags, "stage": self.stage})
@@ -147,7 +159,7 @@ def train_stages(
             routine,
             config,
             run_dir=directory,
-            logger=StageLogger(logger, stage.name, offset),
+            logger=StageLogger(logger, stage.name, offset, final=index == len(recipe.stages) - 1),
             progress=staged,
         )
         resolved = {**run_params(routine), **(params or {})}
