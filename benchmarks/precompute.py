@@ -12,8 +12,15 @@ LOL pairs of ``--height`` x ``--width`` (default 400x600, the LOL size), then ru
 Without ``--checkpoint`` the SKB is randomly initialised: the speed and sizes are the same as with the
 official weights, the priors are meaningless.
 
+The SKB is built with the SKB settings a recipe trains with (``--recipe``: its ``skf.skb_settings``, e.g.
+LLFlow-SKF's ``input_transform: log``, ``bn_mode: eval``) and/or ``--skb-setting KEY=VALUE``; they enter the
+SKB's fingerprint, so the cache is the one that recipe reads. The cache holds F0/F1/F2 at 1/4, 1/8, 1/16 and
+the logits at 1/4 whatever the baseline: LLFlow-SKF's 1/8-resolution condition (``att_block_1``) takes F0,
+which its SE block nearest-resizes from 1/4 to 1/8 itself, so no extra 1/8 map is computed or stored.
+
     python benchmarks/precompute.py                        # CPU, 4 images
     python benchmarks/precompute.py --device cuda --images 32 --batch-size 8
+    python benchmarks/precompute.py --skb skb/hrnet-w48-lite@1 --recipe llflow-s-skf --threads 1
 """
 
 from __future__ import annotations
@@ -42,6 +49,27 @@ def write_dataset(root: Path, n: int, height: int, width: int, seed: int = 0) ->
     return root
 
 
+def skb_settings(recipe: str | None, pairs: list[str]) -> dict[str, object]:
+    """The SKB builder settings: ``recipe``'s ``skf.skb_settings``, then ``KEY=VALUE`` pairs (YAML values)."""
+    import yaml
+
+    from components.skb import SKB_SETTINGS
+
+    settings: dict[str, object] = {}
+    if recipe:
+        from components.recipes import load_recipe
+
+        settings.update(load_recipe(recipe).skf.skb_settings)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in SKB_SETTINGS:
+            raise SystemExit(
+                f"--skb-setting {pair!r}: expected KEY=VALUE with KEY one of {list(SKB_SETTINGS)}"
+            )
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skb", default="skb/hrnet-w48-pascal@1")
@@ -52,6 +80,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--recipe", default=None, help="build the SKB with this recipe's skf.skb_settings (e.g. llflow-s-skf)"
+    )
+    parser.add_argument(
+        "--skb-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an SKB builder setting (bn_mode, input_transform, pad_multiple, amp); repeatable, wins over --recipe",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -59,6 +97,7 @@ def main() -> None:
     os.environ["SKF_HOME"] = str(home)
     for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI"):
         os.environ.pop(var, None)
+    settings = skb_settings(args.recipe, args.skb_setting)  # after SKF_HOME: imports the components
 
     import torch
 
@@ -67,11 +106,12 @@ def main() -> None:
     from components.data.ingest import ingest
     from components.precompute import precompute_priors
     from components.prior_cache import prior_elements
+    from components.skb import SKB_SETTINGS
 
     if args.threads:
         torch.set_num_threads(args.threads)
     ref = ingest(str(write_dataset(home / "src", args.images, args.height, args.width)), name="bench").ref
-    skb = registry.create(args.skb, checkpoint=args.checkpoint, device=args.device)
+    skb = registry.create(args.skb, checkpoint=args.checkpoint, device=args.device, **settings)
     forwards = [0]
     skb.model.register_forward_pre_hook(lambda _m, _inp: forwards.__setitem__(0, forwards[0] + 1))
 
@@ -86,6 +126,9 @@ def main() -> None:
     results = {
         "skb": first.skb_spec_resolved,
         "pretrained": first.pretrained,
+        "skb_settings": {k: getattr(skb, k) for k in SKB_SETTINGS},
+        "skb_settings_from": args.recipe or ("--skb-setting" if args.skb_setting else "defaults"),
+        "fingerprint": skb.fingerprint,
         "device": str(skb.device),
         "torch_threads": torch.get_num_threads(),
         "image_size": [args.height, args.width],

@@ -1,14 +1,17 @@
 """The training-step benchmark script (``benchmarks/train_step.py``) on tiny shapes.
 
 The script times minutes of work at the recipe shapes; these tests run its building blocks (the real
-routines, the interleaved measurement, the component probes, the report) at batch 2 and 64² crops so a
-refactor of the engine or the routines that breaks the benchmark fails here, not on the next measuring day.
+routines of every registered family, the interleaved measurement, the component probes, the memory children
+and their extrapolation, the report) at batch 2 and 64² crops so a refactor of the engine or the routines
+that breaks the benchmark fails here, not on the next measuring day.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,8 +38,13 @@ def bench() -> ModuleType:
 
 @pytest.fixture
 def tiny(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The benchmark at batch 2 and 64x64 crops (priors then come at 16², 8² and 4²), one thread."""
-    monkeypatch.setattr(bench, "MODELS", {"drbn": (2, 64), "snr-net": (2, 64)})
+    """The benchmark at batch 2 and 64x64 crops (priors then come at 16², 8² and 4²), one thread; every
+    family at its recipe's network size except LLFlow-L (24 RRDB blocks, K 12: seconds per tiny step), which
+    runs its smallest network (``smoke_model``, the same bottleneck SE blocks)."""
+    from components.baselines import get_family
+
+    monkeypatch.setattr(bench, "MODELS", {m: (2, 64) for m in bench.family_names()})
+    monkeypatch.setattr(bench, "MODEL_OVERRIDES", {"llflow-l": dict(get_family("llflow-l").smoke_model)})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield bench
@@ -58,14 +66,48 @@ def _args() -> argparse.Namespace:
     )
 
 
+def test_every_registered_family_is_benchmarked(bench: ModuleType) -> None:
+    """The script dispatches on the family registry, not on a list of its own; variants follow the recipes."""
+    from components.baselines import families
+
+    assert {"drbn", "snr-net", "llflow-s", "llflow-l"} <= set(bench.family_names())
+    assert set(bench.family_names()) <= {f.name for f in families()}
+    assert bench.variants_of("drbn") == ("a", "b", "b-nosa", "c")  # SA in the recipe
+    assert bench.variants_of("snr-net") == ("a", "b", "b-se", "c")  # SCH every 50th step
+    assert bench.variants_of("llflow-s") == bench.variants_of("llflow-l") == ("a", "b", "c")
+    assert bench.shape("llflow-s") == bench.shape("llflow-l") == (16, 160)  # the recipes' batch and crop
+    b = bench.recipe_for("llflow-l", "b")
+    assert (b.skf.se, b.skf.sch.enabled, b.skf.sa.enabled, b.skf.skb_mode, b.skf.sch.every) == (
+        True,
+        True,
+        False,
+        "cached",
+        1,
+    )
+    assert b.skf.skb_settings == {"input_transform": "log", "bn_mode": "eval"}  # as the recipe trains
+    assert bench.recipe_for("llflow-l", "c").skf.skb_mode == "online"
+    assert not bench.recipe_for("llflow-s", "a").skf.enabled
+
+
+def test_extrapolation_is_a_least_squares_line(bench: ModuleType) -> None:
+    points = {2: {"peak_mib": 1000.0, "step_mib": 600.0}, 4: {"peak_mib": 1800.0, "step_mib": 1400.0}}
+    e = bench.extrapolate(points, 16)
+    assert e["peak_mib"] == pytest.approx(6600.0) and e["step_mib"] == pytest.approx(6200.0)
+    assert e["peak_per_sample_mib"] == pytest.approx(400.0) and e["from_batches"] == [2, 4]
+    assert bench.extrapolate(points, 4) is None and bench.extrapolate({2: points[2]}, 16) is None
+
+
 @pytest.mark.slow
-def test_measurement_and_report_for_both_baselines(tiny: ModuleType) -> None:
+def test_measurement_and_report_for_every_family(tiny: ModuleType) -> None:
     env = tiny._env(_args())
     env["load_before"] = env["load_after"] = "0.00"  # main() adds these around the measurement
     report = {"env": env, "models": {}}
-    for model, variants in (("drbn", ["a", "b", "b-nosa"]), ("snr-net", ["a", "b", "b-se"])):
+    for model in tiny.family_names():
+        variants = [v for v in tiny.variants_of(model) if v != "c"]  # c: the W48 SKB online, minutes
         raw = tiny.measure(model, variants, warmup=0, steps=2, shares=True, online_steps=1)
-        assert set(raw["wall"]) >= {*variants, "SE", "SCH"}
+        assert set(raw["wall"]) >= set(variants)
+        if model in ("drbn", "snr-net", "llflow-s", "llflow-l"):  # their (b) step runs SE and SCH
+            assert {"SE", "SCH"} <= set(raw["wall"])
         assert all(len(raw["wall"][v]) == 2 and min(raw["wall"][v]) > 0 for v in variants)
         for v in variants:  # every variant ran real steps with finite losses
             assert raw["metrics"][v] and all(
@@ -77,33 +119,39 @@ def test_measurement_and_report_for_both_baselines(tiny: ModuleType) -> None:
             summary["variants"]["b"]["wall_s"] / summary["variants"]["a"]["wall_s"]
         )
         report["models"][model] = summary
-    assert "SA" in report["models"]["drbn"]["components_of_b"]  # DRBN's recipe has SA, SNR's does not
-    assert "SA" not in report["models"]["snr-net"]["components_of_b"]
+    assert "SA" in report["models"]["drbn"]["components_of_b"]  # DRBN's recipe has SA, the others not
+    for model in ("snr-net", "llflow-s", "llflow-l"):
+        assert "SA" not in report["models"][model]["components_of_b"]
+        assert {"SE", "SCH"} <= report["models"][model]["components_of_b"].keys()
     assert "recipe_amortised" in report["models"]["snr-net"]
+    assert "recipe_amortised" not in report["models"]["llflow-s"]  # SCH on every LLFlow step
+    assert {"nll", "sch"} <= report["models"]["llflow-s"]["last_metrics"]["b"].keys()
     text = tiny.markdown(report)
-    assert "| snr-net (2x64²) | recipe step, amortised" in text
+    assert "| snr-net (2x64²) | recipe step, amortised (49·b-se + b)/50" in text
     assert "| drbn | SA |" in text
+    assert "| llflow-s (2x64²) | b: +SKF, cached priors (= SE+SCH, no SA) |" in text
+    assert "| llflow-l | SE |" in text
     assert "SE CPU ops compiled" in text or "SE CPU ops eager" in text
 
 
-@pytest.mark.parametrize("model", ["drbn", "snr-net"])
+@pytest.mark.parametrize("model", ["drbn", "snr-net", "llflow-s", "llflow-l"])
 def test_se_probe_hands_each_block_a_gradient_in_the_networks_layout(tiny: ModuleType, model: str) -> None:
-    """The isolated SE timing must see what the step sees: on CPU the networks run channels-last, and the
-    gradient reaching an SE block from the next layer is channels-last too. (A scalar loss on the block's
-    output would hand back an NCHW gradient and make accumulating the block's own gradients into it
-    several times slower, inflating SNR-Net's SE share by ~0.2 s.)"""
+    """The isolated SE timing must see what the step sees: on CPU DRBN and SNR-Net run channels-last, and
+    the gradient reaching an SE block from the next layer is channels-last too (LLFlow's conditions are
+    NCHW, and so are their gradients). (A scalar loss on the block's output would hand back an NCHW gradient
+    and make accumulating the block's own gradients into it several times slower, inflating SNR-Net's SE
+    share by ~0.2 s.) The probe replays the step's own SE inputs: the family's slots, shapes and priors."""
     runner = tiny.Runner(model, "b", None)
     probe = tiny.component_probes(runner)["SE"]
     net = runner.routine.net
-    blocks = (
-        [net.recur4.fuseblk_1, net.recur4.fuseblk_2, net.recur4.fuseblk_3]
-        if model == "drbn"
-        else [net.att_block_1, net.att_block_2, net.att_block_3]
-    )
-    seen: list[bool] = []
+    blocks = [net.get_submodule(slot.path) for slot in runner.routine.family.se_slots]
+    seen: list[tuple[bool, bool]] = []
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
-    def watch(_module: torch.nn.Module, _inputs: object, out: torch.Tensor) -> None:
-        out.register_hook(lambda g: seen.append(g.is_contiguous(memory_format=torch.channels_last)))
+    def watch(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        shapes.append((tuple(inputs[0].shape), tuple(inputs[1].shape)))
+        cl = out.is_contiguous(memory_format=torch.channels_last)
+        out.register_hook(lambda g: seen.append((cl, g.is_contiguous(memory_format=torch.channels_last))))
 
     handles = [b.register_forward_hook(watch) for b in blocks]
     try:
@@ -111,4 +159,35 @@ def test_se_probe_hands_each_block_a_gradient_in_the_networks_layout(tiny: Modul
     finally:
         for h in handles:
             h.remove()
-    assert seen == [True] * 3
+    assert len(seen) == 3 and all(out_cl == grad_cl for out_cl, grad_cl in seen)
+    if model in ("drbn", "snr-net"):
+        assert seen == [(True, True)] * 3
+    if model.startswith("llflow"):  # conditions at 1/8, 1/4, 1/2; F0 (1/4) reaches the 1/8 block as cached
+        assert [(x[-1], sem[-2:]) for x, sem in shapes] == [(8, (16, 16)), (16, (8, 8)), (32, (4, 4))]
+
+
+@pytest.mark.slow
+def test_memory_children_and_extrapolation_from_the_command_line(tmp_path: Path) -> None:
+    """``--no-timing --memory --memory-batches``: one fresh process per batch, VmHWM reset before the step,
+    a labelled linear extrapolation to the recipe batch (16 for LLFlow-S), the report written."""
+    out = tmp_path / "mem.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "train_step.py"),
+        "--models",
+        "llflow-s",
+        "--variants",
+        "b",
+    ]
+    cmd += ["--no-timing", "--memory", "--memory-batches", "1,2", "--crop", "64", "--threads", "1"]
+    cmd += ["--malloc", "glibc", "--cpu-kernels", "off", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mem = json.loads(out.read_text())["models"]["llflow-s"]["memory"]
+    assert set(mem["measured"]) == {"1", "2"} and mem["recipe_batch"] == 16
+    rows = [mem["measured"][b]["b"] for b in ("1", "2")]
+    assert all(r["peak_mib"] >= r["rss_before_mib"] > 0 and r["step_s"] > 0 and r["crop"] == 64 for r in rows)
+    assert (
+        mem["extrapolated"]["b"]["batch"] == 16 and mem["extrapolated"]["b"]["kind"] == "linear extrapolation"
+    )
+    assert "**linear extrapolation** from batches 1, 2, not measured" in proc.stdout
