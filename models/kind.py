@@ -486,9 +486,30 @@ class _KinDPipeline(nn.Module):
         self._check_image(i, "I", 1)
         return self.adjust(i, self._ratio_map(i, self.test_ratio if ratio is None else ratio))
 
-    def forward(self, low: Tensor, sem: Sequence[Tensor] | None = None, ratio: Ratio | None = None) -> Tensor:
+    def forward(
+        self,
+        low: Tensor,
+        sem: Sequence[Tensor] | None = None,
+        ratio: Ratio | None = None,
+        *,
+        stage: str | None = None,
+        high: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
         """``low``: B×3×H×W in [0, 1], any H, W; ``sem``: (F0, F1, F2) iff ``skf``; ``ratio``: as in
-        :meth:`adjust_illumination` (default :attr:`test_ratio`). Returns R̂ · Î, B×3×H×W."""
+        :meth:`adjust_illumination` (default :attr:`test_ratio`). Returns R̂ · Î, B×3×H×W.
+
+        ``stage`` runs one training stage's pass instead (through ``forward``, so a DDP-wrapped network
+        trains through it), with the sub-networks trained earlier run without gradients:
+
+        * ``"decom"``: (R_low, I_low, R_high, I_high) of ``low`` and ``high``;
+        * ``"adjust"``: (Î, I_target): per sample, at random, I_low brightened towards I_high (ratio
+          1/r + 1e-4) or I_high darkened towards I_low (ratio r), r = mean(I_low / (I_high + 1e-4)), as
+          the originals' adjustment training;
+        * ``"restore"``: (R̂, R_high, Î): R̂ from R_low, I_low (and ``sem``), the decomposed R_high for the
+          family's restoration target, and Î with the ground truth's ratio (for losses on the image R̂ · Î).
+        """
+        if stage is not None:
+            return self._stage_pass(stage, low, high, sem)
         self._check_image(low, f"{type(self).__name__}'s input", 3)
         size = (low.shape[-2], low.shape[-1])
         x = pad_to_multiple(low, self.stride)
@@ -497,6 +518,32 @@ class _KinDPipeline(nn.Module):
         r_hat = self.restore(r, i, priors)
         i_hat = self.adjust(i, self._ratio_map(i, self.test_ratio if ratio is None else ratio))
         return crop(r_hat * i_hat, size)
+
+    def _stage_pass(
+        self, stage: str, low: Tensor, high: Tensor | None, sem: Sequence[Tensor] | None
+    ) -> tuple[Tensor, ...]:
+        if high is None:
+            raise ValueError(f"the {stage!r} stage needs the normal-light image: pass high=")
+        if stage == "decom":
+            return (*self.decompose(low), *self.decompose(high))
+        if stage not in ("adjust", "restore"):
+            raise ValueError(
+                f"unknown {type(self).__name__} stage {stage!r}; expected decom, adjust or restore"
+            )
+        with torch.no_grad():
+            r_low, i_low = self.decompose(low)
+            r_high, i_high = self.decompose(high)
+        if stage == "adjust":
+            r = illumination_ratio(i_low, i_high)
+            brighten = torch.rand(low.shape[0], device=low.device) < 0.5
+            pick = brighten.view(-1, 1, 1, 1)
+            source = torch.where(pick, i_low, i_high)
+            target = torch.where(pick, i_high, i_low)
+            ratio = torch.where(brighten, 1 / r + 1e-4, r)
+            return self.adjust_illumination(source, ratio), target
+        with torch.no_grad():
+            i_hat = self.adjust_illumination(i_low, illumination_ratio(i_high, i_low))
+        return self.restore_reflectance(r_low, i_low, sem), r_high, i_hat
 
     @staticmethod
     def _ratio_map(i: Tensor, ratio: Ratio) -> Tensor:

@@ -59,9 +59,19 @@ def skb() -> Any:
     return create(SKB, device="cpu")
 
 
+def _steps(family: BaselineFamily) -> int:
+    """Two steps, or one per stage for multi-stage families."""
+    return max(RUN["train.iterations"], len(family.stages))
+
+
 def _recipe(family: BaselineFamily, skf: bool, **extra: Any) -> Any:
     name = f"{family.name}-skf" if skf else family.name
-    overrides: dict[str, Any] = {"model": dict(family.smoke_model), **RUN, **extra}
+    overrides: dict[str, Any] = {
+        "model": dict(family.smoke_model),
+        **RUN,
+        "train.iterations": _steps(family),
+        **extra,
+    }
     recipe = load_recipe(name, overrides)
     if recipe.skf.skb_input == "gt":
         recipe = load_recipe(name, {**overrides, "skf.skb_input": "lq"})
@@ -89,7 +99,7 @@ def test_family_trains_one_step_and_round_trips(
         recipe, Pairs(), DataLoader(Pairs(2), batch_size=2), run_dir=tmp_path / "run", skb=skb if skf else None,
         logger=logger, device="cpu",
     )  # fmt: skip
-    assert result.step == 2
+    assert result.step == _steps(family)
     losses = [v for _, row in logger.metrics for k, v in row.items() if "train/" in k]
     assert losses and all(np.isfinite(losses))
     for stage in recipe.stages:  # multi-stage families: one step per stage, logged under its name
