@@ -133,9 +133,12 @@ def run_seconds(client: Any, run_id: str) -> float:
 
 
 def val_curve(client: Any, run_id: str) -> list[tuple[int, float, float | None]]:
-    """The validation (step, PSNR, SSIM) points the engine logged."""
-    psnrs = {m.step: m.value for m in client.get_metric_history(run_id, "val/psnr")}
-    ssims = {m.step: m.value for m in client.get_metric_history(run_id, "val/ssim")}
+    """The validation (step, PSNR, SSIM) points the engine logged (a staged run: its final stage's,
+    ``<stage>/val/psnr``; the earlier stages validate their decomposition instead)."""
+    keys = [k for k in client.get_run(run_id).data.metrics if k == "val/psnr" or k.endswith("/val/psnr")]
+    prefix = "" if "val/psnr" in keys or not keys else keys[0].removesuffix("val/psnr")
+    psnrs = {m.step: m.value for m in client.get_metric_history(run_id, f"{prefix}val/psnr")}
+    ssims = {m.step: m.value for m in client.get_metric_history(run_id, f"{prefix}val/ssim")}
     return [(step, psnrs[step], ssims.get(step)) for step in sorted(psnrs)]
 
 

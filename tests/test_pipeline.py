@@ -383,3 +383,19 @@ def test_cli_train_then_evaluate(skf_home: Path, tiny_dataset: Path) -> None:
     assert "test/psnr" in scored.output and "grid.png" in scored.output
     missing = runner.invoke(_cli(), ["evaluate", "0" * 32, "cli@1"])
     assert missing.exit_code == 2 and "no model" in missing.output
+
+
+@pytest.mark.parametrize("preset", ["lol-v1", "lol-v2"])
+def test_every_shipped_recipe_runs_on_either_lol_preset(preset: str) -> None:
+    """`skf-train/<preset>` with `training.recipe` trains any shipped recipe on that dataset."""
+    from components.recipes import available_recipes
+    from flows.pipeline import SkfTrainParams
+
+    for recipe in available_recipes():
+        if recipe == "demo":
+            continue
+        params = SkfTrainParams.model_validate(
+            {"preset": preset, "dataset": {"source": "s3://skf-data/raw/lol"}, "training": {"recipe": recipe}}
+        )
+        planned = params.plan()
+        assert planned.recipe.name == recipe and params.dataset.layout in ("lol", "lol-v2-real")
