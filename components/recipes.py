@@ -396,6 +396,21 @@ def _format_errors(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _override_stages(stages: list[Any], overrides: Mapping[str, Any]) -> list[Any]:
+    """Apply ``stages.<name>.<field>[.<field>...]`` overrides to the stage of that name."""
+    out = copy.deepcopy(stages)
+    by_name = {s.get("name"): s for s in out if isinstance(s, dict)}
+    for key, value in overrides.items():
+        _, name, *rest = key.split(".")
+        if name not in by_name or not rest:
+            known = ", ".join(str(n) for n in by_name) or "none"
+            raise RecipeError(
+                f"override {key!r}: no stage {name!r} to set (stages: {known}); use stages.<name>.<field>"
+            )
+        by_name[name].update(deep_merge(by_name[name], _expand_dotted({".".join(rest): value})))
+    return out
+
+
 def scale_stages(stages: list[dict[str, Any]], total: int) -> list[dict[str, Any]]:
     """Stage dicts rescaled to ``total`` iterations, keeping their proportions (and their schedules').
 
@@ -446,14 +461,14 @@ def load_recipe(name_or_path: str | Path, overrides: Mapping[str, Any] | None = 
     path = _resolve(name_or_path)
     data = _read(path)
     if overrides:
-        expanded = _expand_dotted(overrides)
+        by_stage = {k: v for k, v in overrides.items() if k.startswith("stages.")}
+        expanded = _expand_dotted({k: v for k, v in overrides.items() if k not in by_stage})
         data = deep_merge(data, expanded)
-        total = (
-            (expanded.get("train") or {}).get("iterations")
-            if isinstance(expanded.get("train"), Mapping)
-            else None
-        )
-        if data.get("stages") and "stages" not in expanded and isinstance(total, int):
+        if by_stage:
+            data["stages"] = _override_stages(data.get("stages") or [], by_stage)
+        train = expanded.get("train")
+        total = train.get("iterations") if isinstance(train, Mapping) else None
+        if data.get("stages") and isinstance(total, int) and not isinstance(total, bool):
             data["stages"] = scale_stages(data["stages"], total)
     try:
         return Recipe.model_validate(data)

@@ -214,3 +214,17 @@ def test_stage_iterations_must_add_up_to_the_run() -> None:
         ValidationError, match=r"must equal the sum of the stages' iterations \(6: first 3, second 3\)"
     ):
         _recipe(train={"iterations": 5, "batch_size": 2, "crop": 32, "val_every": 100, "ckpt_every": 1})
+
+
+def test_stages_are_overridden_by_name_and_rescaled_to_the_run_length() -> None:
+    from components.recipes import load_recipe
+
+    recipe = load_recipe("retinexnet", {"stages.relight.iterations": 9000, "train.iterations": 120})
+    assert [(s.name, s.iterations) for s in recipe.stages] == [("decom", 30), ("relight", 90)]
+    # each stage's schedule shrinks with it: the decay after a fifth of the stage stays there
+    assert [s.scheduler.milestones for s in recipe.stages] == [[6], [6]]
+    assert load_recipe("kind", {"stages.restore.batch_size": 2}).stages[-1].batch_size == 2
+    with pytest.raises(RecipeError, match=r"no stage 'nope' to set \(stages: decom, relight\)"):
+        load_recipe("retinexnet", {"stages.nope.iterations": 3})
+    with pytest.raises(RecipeError, match="must equal the sum of the stages' iterations"):
+        load_recipe("retinexnet", {"stages.relight.iterations": 9000})  # the run length says nothing

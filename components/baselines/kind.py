@@ -118,6 +118,15 @@ class _KinDFamilyBase(BaselineFamily):
     supports_sa = True  # the paper applies SA to every baseline; only DRBN's code was released
     sch_preset = "snr"
     routine = KinDRoutine
+    # at a CPU budget most steps go to the restoration net (the image), on the same crops as the others
+    smoke_recipe = {
+        "stages.decom.iterations": 1,
+        "stages.adjust.iterations": 1,
+        "stages.restore.iterations": 4,
+        "stages.restore.scheduler": None,
+        "stages.restore.batch_size": None,
+        "stages.restore.crop": None,
+    }
     #: the stage losses and the restoration target (KinD and KinD++ differ there)
     losses: ClassVar[dict[str, Callable[..., Any]]]
 

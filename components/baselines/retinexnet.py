@@ -108,6 +108,14 @@ class RetinexNetFamily(BaselineFamily):
         StageSpec("relight", ("enhance",), tuple(RETINEX_DEFAULT_WEIGHTS["relight"])),
     )
     smoke_model = {"channels": 8, "layer_num": 1}
+    # at a CPU budget the decomposition is learnt in a fifth of the steps; the released 10x decay after a
+    # fifth of each stage would leave the relight stage almost no learning rate
+    smoke_recipe = {
+        "stages.decom.iterations": 1,
+        "stages.relight.iterations": 4,
+        "stages.decom.scheduler": None,
+        "stages.relight.scheduler": None,
+    }
 
     def enhance(
         self, net: nn.Module, low: Tensor, priors_for: PriorsFor | None, *, two_pass: bool = False

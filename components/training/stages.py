@@ -145,8 +145,14 @@ def train_stages(
         if base_crop is not None:  # the stage's crop (KinD trains its nets on different patch sizes)
             size = stage.crop or recipe.train.crop
             train_dataset.crop = (size, size)  # type: ignore[attr-defined]
-        config = trainer_config(recipe, **trainer_overrides).model_copy(
-            update={"iterations": stage.iterations, "batch_size": stage.batch_size or recipe.train.batch_size}
+        config = trainer_config(recipe, **trainer_overrides)
+        config = config.model_copy(
+            update={
+                "iterations": stage.iterations,
+                "batch_size": stage.batch_size or recipe.train.batch_size,
+                # a stage shorter than the validation interval still validates once, at its end
+                "val_every": min(config.val_every, stage.iterations) if config.val_every else 0,
+            }
         )
         if skb is not None and config.device:
             skb.to(torch.device(config.device))
