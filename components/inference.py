@@ -315,7 +315,19 @@ def load_enhancer_dir(directory: str | os.PathLike[str], *, device: str | torch.
 
 
 def _contiguous_cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    """CPU copies safetensors can write: a tensor listed under two names (HWMNet's shared PReLU, as in
+    the released state dict) is written once per name, each its own copy."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state.items():
+        tensor = value.detach().to("cpu").contiguous()
+        ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        if ptr is not None and ptr in seen:
+            tensor = tensor.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = tensor
+    return out
 
 
 def _read_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:

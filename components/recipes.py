@@ -71,13 +71,15 @@ class OptimizerConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     """LR schedule, stepped once per iteration: ``multistep`` at ``milestones``, ``step`` every
-    ``step_size`` iterations, or ``constant``; optional linear warm-up over ``warmup`` iterations."""
+    ``step_size`` iterations, ``cosine`` (annealed to ``min_factor`` of the base rate over the run after the
+    warm-up) or ``constant``; optional linear warm-up over ``warmup`` iterations."""
 
-    name: Literal["multistep", "step", "constant"] = "constant"
+    name: Literal["multistep", "step", "cosine", "constant"] = "constant"
     milestones: list[int] | None = None
     step_size: int | None = Field(None, gt=0)
     gamma: float = Field(0.5, gt=0, le=1)
     warmup: int = Field(0, ge=0)
+    min_factor: float = Field(0.0, ge=0, le=1, description="cosine: the final rate as a fraction of the base")
 
     @model_validator(mode="after")
     def _fields_match_name(self) -> SchedulerConfig:

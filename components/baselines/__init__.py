@@ -8,6 +8,7 @@ network in ``models/``, one module here that calls :func:`register_family`, and 
 from __future__ import annotations
 
 from components.baselines import drbn as _drbn  # noqa: E402, F401, I001 - registers the family
+from components.baselines import hwmnet as _hwmnet  # noqa: E402, F401 - registers the family
 from components.baselines import kind as _kind  # noqa: E402, F401 - registers the families
 from components.baselines import llflow as _llflow  # noqa: E402, F401 - registers the families
 from components.baselines import retinexnet as _retinexnet  # noqa: E402, F401 - registers the family

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,21 @@ def build_optimizer(params: Any, cfg: OptimizerConfig, *, lr: float | None = Non
     )
 
 
-def lr_factor(cfg: SchedulerConfig) -> Callable[[int], float]:
-    """Multiplier of the base lr after ``it`` iterations: linear warm-up, then multistep/step decay."""
+def lr_factor(cfg: SchedulerConfig, iterations: int | None = None) -> Callable[[int], float]:
+    """Multiplier of the base lr after ``it`` iterations: linear warm-up, then multistep/step/cosine decay.
+
+    ``cosine`` anneals from 1 to ``min_factor`` over the ``iterations`` after the warm-up (required then).
+    """
     milestones = list(cfg.milestones or [])
+    if cfg.name == "cosine" and not iterations:
+        raise ValueError("a cosine schedule needs the run's iterations")
+    span = max(1, (iterations or 0) - cfg.warmup)
 
     def factor(it: int) -> float:
         warm = min(1.0, (it + 1) / cfg.warmup) if cfg.warmup else 1.0
+        if cfg.name == "cosine":
+            t = min(max(it - cfg.warmup, 0), span) / span
+            return warm * (cfg.min_factor + (1 - cfg.min_factor) * 0.5 * (1 + math.cos(math.pi * t)))
         if cfg.name == "multistep":
             decays = sum(1 for m in milestones if it >= m)
         elif cfg.name == "step":
@@ -83,9 +93,9 @@ def lr_factor(cfg: SchedulerConfig) -> Callable[[int], float]:
     return factor
 
 
-def build_scheduler(optimizer: Optimizer, cfg: SchedulerConfig) -> LRScheduler:
+def build_scheduler(optimizer: Optimizer, cfg: SchedulerConfig, iterations: int | None = None) -> LRScheduler:
     """A per-iteration ``LambdaLR``; its state (the iteration count) resumes exactly."""
-    return LambdaLR(optimizer, lr_factor(cfg))
+    return LambdaLR(optimizer, lr_factor(cfg, iterations))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,7 +228,8 @@ class BaselineRoutine:
     def schedulers(self) -> dict[str, LRScheduler]:
         if self._schedulers is None:
             cfg = self._scheduler_config()
-            self._schedulers = {n: build_scheduler(o, cfg) for n, o in self.optimizers().items()}
+            steps = self.stage.iterations if self.stage else self.recipe.train.iterations
+            self._schedulers = {n: build_scheduler(o, cfg, steps) for n, o in self.optimizers().items()}
         return self._schedulers
 
     def weighted(self, terms: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
