@@ -1,16 +1,20 @@
 """Benchmark: cost of SKF on one real training step (forward, backward, optimiser) on CPU.
 
 For every registered baseline family (``components.baselines.families()``: DRBN, SNR-Net, LLFlow-S,
-LLFlow-L), at the recipe's batch and crop (DRBN 4 x 256², SNR-Net 16 x 128², LLFlow 16 x 160²; ``--batch``
-and ``--crop`` scale them down), the family's training routine (``family.routine``, e.g.
-:class:`~components.baselines.drbn.DRBNRoutine`, ``LLFlowRoutine``) is timed through the engine's
-:class:`~components.training.engine.StepContext` for
+LLFlow-L, RetinexNet, KinD, KinD++, HWMNet), at the recipe's batch and crop (DRBN 4 x 256², SNR-Net
+16 x 128², LLFlow 16 x 160²; ``--batch`` and ``--crop`` scale them down), the family's training routine
+(``family.routine``, e.g. :class:`~components.baselines.drbn.DRBNRoutine`, ``LLFlowRoutine``) is timed
+through the engine's :class:`~components.training.engine.StepContext`. A multi-stage recipe (``stages:``) is timed on its
+**final stage** only, the one with the SE blocks and the semantic losses (RetinexNet's relight, KinD's and
+KinD++'s restore): the network is built once per variant and the routine for ``recipe.stages[-1]`` runs on
+it (earlier sub-networks frozen, as in a staged run), at that stage's batch and crop (``stage.batch_size``
+/ ``crop``, else ``train.*``: RetinexNet 16 x 64², KinD 4 x 384², KinD++ 10 x 64²). The variants:
 
 * ``a``  plain baseline (recipe ``<family>``);
 * ``b``  baseline + SKF with cached priors (recipe ``<family>-skf`` with ``skb_mode=cached``,
   ``skb_input=lq``; random fp16 maps shaped like the prior cache's crop output; no HRNet runs; SCH on every
   timed step). For families whose recipe has no SA (SNR-Net, LLFlow) this is the SE + SCH step;
-* ``b-nosa`` (recipes with SA: DRBN) ``b`` without SA: the SE + SCH part of the step;
+* ``b-nosa`` (recipes with SA: DRBN, RetinexNet, KinD, KinD++) ``b`` without SA: the SE + SCH part of the step;
 * ``b-se`` (recipes with SCH every n > 1 steps: SNR-Net) ``b`` on the recipe's steps without SCH (n - 1 of
   n); with ``b`` it gives the recipe's amortised SKF step ``((n - 1)·b-se + b) / n``;
 * ``c``  baseline + SKF with the HRNet-W48 SKB online (random init, built with the recipe's
@@ -38,6 +42,7 @@ built and used (default ``auto``, as the training engine does on CPU; ``off`` ke
         --json bench.json --markdown bench.md
     python benchmarks/train_step.py --models snr-net --variants a,b --steps 3
     python benchmarks/train_step.py --models llflow-s --variants a,b --threads 1 --memory
+    python benchmarks/train_step.py --models retinexnet,kind-pp --variants a,b,b-nosa --threads 1
     python benchmarks/train_step.py --models llflow-l --variants b --no-timing --memory \\
         --memory-batches 2,4 --threads 1     # the recipe batch (16 x 160²) needs ~30 GB on CPU
 """
@@ -101,14 +106,35 @@ def skf_recipe(model: str) -> Any:
     return load_recipe(f"{model}-skf")
 
 
-def shape(model: str) -> tuple[int, int]:
-    """(batch, crop) of this run: ``MODELS``' entry, else the plain recipe's ``train.batch_size``/``crop``."""
-    if model in MODELS:
-        return MODELS[model]
+def final_stage(model: str) -> Any:
+    """The stage a multi-stage recipe is timed on (its last: the SE blocks and semantic losses), else None."""
     from components.recipes import load_recipe
 
-    train = load_recipe(model).train
-    return int(train.batch_size), int(train.crop)
+    stages = load_recipe(model).stages
+    return stages[-1] if stages else None
+
+
+def recipe_shape(model: str) -> tuple[int, int]:
+    """(batch, crop) the recipe trains the timed step at: the final stage's, falling back to ``train.*``."""
+    from components.recipes import load_recipe
+
+    train, stage = load_recipe(model).train, final_stage(model)
+    batch = (stage.batch_size if stage is not None else None) or train.batch_size
+    crop = (stage.crop if stage is not None else None) or train.crop
+    return int(batch), int(crop)
+
+
+def shape(model: str) -> tuple[int, int]:
+    """(batch, crop) of this run: ``MODELS``' entry, else :func:`recipe_shape`."""
+    if model in MODELS:
+        return MODELS[model]
+    return recipe_shape(model)
+
+
+def display(model: str) -> str:
+    """``model`` as the report names it: staged families with the timed stage (``kind, restore stage``)."""
+    stage = final_stage(model)
+    return model if stage is None else f"{model}, {stage.name} stage"
 
 
 def variants_of(model: str) -> tuple[str, ...]:
@@ -196,7 +222,15 @@ class Runner:
         self.model, self.variant = model, variant
         self.device = torch.device(device)
         self.recipe = recipe_for(model, variant)
-        self.routine = build_routine(None, self.recipe, skb if variant == "c" else None)
+        # multi-stage recipes: the final stage's routine over the whole network (the others frozen)
+        self.stage = self.recipe.stages[-1] if self.recipe.stages else None
+        self.routine = build_routine(
+            None,
+            self.recipe,
+            skb if variant == "c" else None,
+            stage=self.stage,
+            net=self.recipe.build_model(),
+        )
         modules = self.routine.modules()
         for m in modules.values():
             m.to(self.device).train()  # before the optimisers: they keep the same Parameter objects
@@ -537,9 +571,11 @@ def summarise(
             if "a" in med and med["b"] > med["a"]:  # undefined when noise puts (b) at or below (a)
                 p["share_of_b_minus_a"] = p["wall_s"] / (med["b"] - med["a"])
     n, s = shape(model)
+    stage = final_stage(model)
     out: dict[str, Any] = {
         "batch": n,
         "crop": s,
+        "stage": stage.name if stage is not None else None,
         "variants": rows,
         "components_of_b": parts,
         "last_metrics": raw["metrics"],
@@ -556,9 +592,7 @@ def summarise(
             "ratio_min_wall": fastest / min(wall["a"]),
         }
     if mem_batches:
-        from components.recipes import load_recipe
-
-        recipe_batch = int(load_recipe(model).train.batch_size)
+        recipe_batch = recipe_shape(model)[0]
         out["memory"] = {
             "recipe_batch": recipe_batch,
             "measured": {str(k): v for k, v in sorted(mem_batches.items())},
@@ -603,7 +637,7 @@ def markdown(report: dict[str, Any]) -> str:
             ratio_min = f"{row['ratio_min_wall']:.2f}x" if "ratio_min_wall" in row else "1.00x"
             peak = f"{row['peak_mib'] / 1024:.2f} GiB" if "peak_mib" in row else "-"
             lines.append(
-                f"| {model} ({res['batch']}x{res['crop']}²) | {v}: {label(model, v)} | {row['wall_s']:.2f} s "
+                f"| {display(model)} ({res['batch']}x{res['crop']}²) | {v}: {label(model, v)} | {row['wall_s']:.2f} s "
                 f"| {row['cpu_s']:.2f} s | {ratio} | {ratio_cpu} | {row['min_wall_s']:.2f} s | {ratio_min} "
                 f"| {peak} |"
             )
@@ -612,7 +646,7 @@ def markdown(report: dict[str, Any]) -> str:
             a = res["recipe_amortised"]
             n = a.get("every", 50)
             lines.append(
-                f"| {model} ({res['batch']}x{res['crop']}²) | recipe step, amortised ({n - 1}·b-se + b)/{n} "
+                f"| {display(model)} ({res['batch']}x{res['crop']}²) | recipe step, amortised ({n - 1}·b-se + b)/{n} "
                 f"| {a['wall_s']:.2f} s | - | {a['ratio_wall']:.2f}x | - | {a['min_wall_s']:.2f} s "
                 f"| {a['ratio_min_wall']:.2f}x | - |"
             )
@@ -626,7 +660,7 @@ def markdown(report: dict[str, Any]) -> str:
     for model, res in report["models"].items():
         for k, p in res["components_of_b"].items():
             lines.append(
-                f"| {model} | {k} | {p['wall_s']:.2f} s | {p['min_wall_s']:.2f} s "
+                f"| {display(model)} | {k} | {p['wall_s']:.2f} s | {p['min_wall_s']:.2f} s "
                 f"| {100 * p.get('share_of_b', 0):.0f}% / {100 * p.get('share_of_min_b', 0):.0f}% "
                 + (f"| {100 * p['share_of_b_minus_a']:.0f}% |" if "share_of_b_minus_a" in p else "| - |")
             )
@@ -639,12 +673,12 @@ def markdown(report: dict[str, Any]) -> str:
             for v, r in per_variant.items():
                 note = "" if r.get("hwm_reset", False) else "; VmHWM not reset (peak incl. setup)"
                 mem_rows.append(
-                    f"| {model} | {v} | {batch}x{r['crop']}² (measured) | {r['rss_before_mib'] / 1024:.2f} GiB "
+                    f"| {display(model)} | {v} | {batch}x{r['crop']}² (measured) | {r['rss_before_mib'] / 1024:.2f} GiB "
                     f"| {r['peak_mib'] / 1024:.2f} GiB | {r['step_mib'] / 1024:.2f} GiB | {r['step_s']:.1f} s{note} |"
                 )
         for v, e in mem["extrapolated"].items():
             mem_rows.append(
-                f"| {model} | {v} | {e['batch']}x{res['crop']}² (recipe batch; **linear extrapolation** from batches "
+                f"| {display(model)} | {v} | {e['batch']}x{res['crop']}² (recipe batch; **linear extrapolation** from batches "
                 f"{', '.join(map(str, e['from_batches']))}, not measured) | - | ~{e['peak_mib'] / 1024:.1f} GiB "
                 f"| ~{e['step_mib'] / 1024:.1f} GiB | {e['step_per_sample_mib']:.0f} MiB per sample |"
             )
@@ -792,7 +826,7 @@ def main() -> None:
     mem_batches = [int(b) for b in args.memory_batches.split(",") if b]
     for model in models:
         variants = [v for v in args.variants.split(",") if v in variants_of(model)]
-        print(f"{model} {shape(model)}: variants {variants}", file=sys.stderr, flush=True)
+        print(f"{display(model)} {shape(model)}: variants {variants}", file=sys.stderr, flush=True)
         raw = None
         if not args.no_timing:
             raw = measure(

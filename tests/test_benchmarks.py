@@ -39,12 +39,14 @@ def bench() -> ModuleType:
 @pytest.fixture
 def tiny(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     """The benchmark at batch 2 and 64x64 crops (priors then come at 16², 8² and 4²), one thread; every
-    family at its recipe's network size except LLFlow-L (24 RRDB blocks, K 12: seconds per tiny step), which
-    runs its smallest network (``smoke_model``, the same bottleneck SE blocks)."""
+    family at its recipe's network size except LLFlow-L (24 RRDB blocks, K 12: seconds per tiny step) and
+    KinD++ (the MSIA restoration net at full resolution: ~3 s per tiny step), which run their smallest
+    networks (``smoke_model``, the same SE slots)."""
     from components.baselines import get_family
 
     monkeypatch.setattr(bench, "MODELS", {m: (2, 64) for m in bench.family_names()})
-    monkeypatch.setattr(bench, "MODEL_OVERRIDES", {"llflow-l": dict(get_family("llflow-l").smoke_model)})
+    small = {m: dict(get_family(m).smoke_model) for m in ("llflow-l", "kind-pp")}
+    monkeypatch.setattr(bench, "MODEL_OVERRIDES", small)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield bench
@@ -87,6 +89,63 @@ def test_every_registered_family_is_benchmarked(bench: ModuleType) -> None:
     assert b.skf.skb_settings == {"input_transform": "log", "bn_mode": "eval"}  # as the recipe trains
     assert bench.recipe_for("llflow-l", "c").skf.skb_mode == "online"
     assert not bench.recipe_for("llflow-s", "a").skf.enabled
+    assert bench.final_stage("drbn") is None and bench.display("drbn") == "drbn"
+
+
+#: the multi-stage families, their final stage (SE blocks, SCH, SA) and its recipe batch and crop (KinD's
+#: restore stage sets its own 4 x 384²; RetinexNet's relight and KinD++'s restore fall back to train.*)
+STAGED = {
+    "retinexnet": ("relight", (16, 64)),
+    "kind": ("restore", (4, 384)),
+    "kind-pp": ("restore", (10, 64)),
+}
+
+
+def test_staged_families_are_benchmarked_on_their_final_stage(bench: ModuleType) -> None:
+    """Multi-stage recipes are timed on the final stage, at its batch and crop, with DRBN's variants (SA)."""
+    assert set(STAGED) <= set(bench.family_names())
+    for model, (stage, size) in STAGED.items():
+        assert bench.final_stage(model).name == stage
+        assert bench.shape(model) == bench.recipe_shape(model) == size
+        assert bench.display(model) == f"{model}, {stage} stage"
+        assert bench.variants_of(model) == ("a", "b", "b-nosa", "c")  # SA on the final stage, as DRBN
+        semantics = {}
+        for v in ("a", "b", "b-nosa"):
+            recipe = bench.recipe_for(model, v)
+            semantics[v] = recipe.stage_semantics(recipe.stages[-1])
+        assert semantics == {"a": (False, False), "b": (True, True), "b-nosa": (True, False)}
+
+
+@pytest.mark.parametrize("model", sorted(STAGED))
+def test_staged_runner_steps_the_final_stage_and_replays_its_skf_calls(tiny: ModuleType, model: str) -> None:
+    """One network per variant, the final stage's routine on it (the earlier sub-networks frozen, as a
+    staged run trains them); its SE slots and SCH call (``self.sch(fake, high, labels)``) are recorded and
+    replayed by the probes; (b-nosa) drops SA only, (a) has no SKF."""
+    runner = tiny.Runner(model, "b", None)
+    routine, family = runner.routine, runner.routine.family
+    assert runner.stage is routine.stage and routine.stage.name == family.stages[-1].name == STAGED[model][0]
+    trained = {n.split(".")[0] for n, p in routine.net.named_parameters() if p.requires_grad}
+    assert trained == set(routine.stage.modules)
+    optimised = {id(p) for g in runner.ctx.optimizers["net"].param_groups for p in g["params"]}
+    assert optimised == {id(p) for p in routine.net.parameters() if p.requires_grad}
+    se_calls, sch_call = tiny.record_skf_calls(runner)
+    assert {id(c[0]) for c in se_calls} == {id(routine.net.get_submodule(s.path)) for s in family.se_slots}
+    assert sch_call is not None
+    fake, high, labels = sch_call[0]
+    assert fake.requires_grad and not high.requires_grad and fake.shape == high.shape == (2, 3, 64, 64)
+    assert labels.shape[-2:] == (64, 64)
+    probes = tiny.component_probes(runner)
+    assert set(probes) == {"SE", "SCH", "SA"}
+    for probe in probes.values():
+        probe()
+    assert {"sch", "adv", "d_loss"} <= runner.step().keys()
+    nosa = tiny.Runner(model, "b-nosa", None)
+    assert nosa.routine.sa is None and nosa.routine.sch is not None and "disc" not in nosa.ctx.optimizers
+    metrics = nosa.step()
+    assert "sch" in metrics and "adv" not in metrics and "d_loss" not in metrics
+    plain = tiny.Runner(model, "a", None)
+    assert plain.routine.sch is None and plain.routine.sa is None and plain.stage.name == STAGED[model][0]
+    assert not plain.recipe.skf.se and "sch" not in plain.step()
 
 
 def test_extrapolation_is_a_least_squares_line(bench: ModuleType) -> None:
@@ -106,8 +165,7 @@ def test_measurement_and_report_for_every_family(tiny: ModuleType) -> None:
         variants = [v for v in tiny.variants_of(model) if v != "c"]  # c: the W48 SKB online, minutes
         raw = tiny.measure(model, variants, warmup=0, steps=2, shares=True, online_steps=1)
         assert set(raw["wall"]) >= set(variants)
-        if model in ("drbn", "snr-net", "llflow-s", "llflow-l"):  # their (b) step runs SE and SCH
-            assert {"SE", "SCH"} <= set(raw["wall"])
+        assert {"SE", "SCH"} <= set(raw["wall"])  # every family's (b) step runs SE and SCH
         assert all(len(raw["wall"][v]) == 2 and min(raw["wall"][v]) > 0 for v in variants)
         for v in variants:  # every variant ran real steps with finite losses
             assert raw["metrics"][v] and all(
@@ -119,7 +177,18 @@ def test_measurement_and_report_for_every_family(tiny: ModuleType) -> None:
             summary["variants"]["b"]["wall_s"] / summary["variants"]["a"]["wall_s"]
         )
         report["models"][model] = summary
-    assert "SA" in report["models"]["drbn"]["components_of_b"]  # DRBN's recipe has SA, the others not
+    for model in ("drbn", *STAGED):  # recipes with SA (the staged ones on their final stage)
+        assert "SA" in report["models"][model]["components_of_b"]
+        assert {"b", "b-nosa"} <= report["models"][model]["variants"].keys()
+    for model, (stage, _) in STAGED.items():
+        assert report["models"][model]["stage"] == stage
+        assert report["models"][model]["batch"] == 2 and report["models"][model]["crop"] == 64
+        assert {"sch", "adv", "d_loss"} <= report["models"][model]["last_metrics"]["b"].keys()
+        assert "sch" in report["models"][model]["last_metrics"]["b-nosa"]
+    assert {"relight_loss", "Ismooth_loss_delta"} <= report["models"]["retinexnet"]["last_metrics"][
+        "a"
+    ].keys()
+    assert report["models"]["drbn"]["stage"] is None
     for model in ("snr-net", "llflow-s", "llflow-l"):
         assert "SA" not in report["models"][model]["components_of_b"]
         assert {"SE", "SCH"} <= report["models"][model]["components_of_b"].keys()
@@ -131,10 +200,12 @@ def test_measurement_and_report_for_every_family(tiny: ModuleType) -> None:
     assert "| drbn | SA |" in text
     assert "| llflow-s (2x64²) | b: +SKF, cached priors (= SE+SCH, no SA) |" in text
     assert "| llflow-l | SE |" in text
+    assert "| kind, restore stage (2x64²) | b-nosa: +SE+SCH, cached priors (no SA) |" in text
+    assert "| retinexnet, relight stage | SA |" in text
     assert "SE CPU ops compiled" in text or "SE CPU ops eager" in text
 
 
-@pytest.mark.parametrize("model", ["drbn", "snr-net", "llflow-s", "llflow-l"])
+@pytest.mark.parametrize("model", ["drbn", "snr-net", "llflow-s", "llflow-l", *STAGED])
 def test_se_probe_hands_each_block_a_gradient_in_the_networks_layout(tiny: ModuleType, model: str) -> None:
     """The isolated SE timing must see what the step sees: on CPU DRBN and SNR-Net run channels-last, and
     the gradient reaching an SE block from the next layer is channels-last too (LLFlow's conditions are
