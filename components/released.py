@@ -64,12 +64,11 @@ def import_released(
     ``skb_settings`` override the family's released test settings (``bn_mode``, ``input_transform``, ...);
     ``model`` overrides network sizes (a checkpoint of another size then fails with its keys listed).
     """
-    from mlflow import MlflowClient
-
     from components.baselines import get_family
     from components.inference import Enhancer, make_spec
     from components.model_registry import log_enhancer
     from components.registry import create, resolved_spec
+    from components.tracking import mlflow_client
 
     digest = _checked_sha256(sha256, "--sha256")
     family = get_family(baseline)
@@ -85,7 +84,7 @@ def import_released(
         net, semantic, make_spec(family.spec, net, semantic, baseline_kwargs=overrides)
     ).eval()
 
-    client = MlflowClient()
+    client = mlflow_client()  # the configured tracking URI (SKF_HOME / MLFLOW_TRACKING_URI)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
     run_id = client.create_run(

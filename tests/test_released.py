@@ -59,24 +59,24 @@ def test_a_released_llflow_checkpoint_registers_and_enhances_like_its_weights(
 def test_a_wrong_digest_is_refused_before_the_file_is_read_and_nothing_is_registered(
     skf_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mlflow import MlflowClient
+    from components.tracking import mlflow_client
 
     path, digest, _ = _released_file(tmp_path)
     code, _, err = _cli(_import_argv(path, "0" * 64, "bad-digest"), capsys)
     assert code != 0 and str(path.name) in err and len(err.strip().splitlines()) == 1
     code, _, err = _cli(_import_argv(path, digest[:12], "short-digest"), capsys)
     assert code == 2 and "full sha256 (64 hex digits)" in err
-    assert not MlflowClient().search_registered_models()
+    assert not mlflow_client().search_registered_models()
 
 
 def test_a_checkpoint_of_the_wrong_size_lists_its_keys_and_registers_nothing(
     skf_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mlflow import MlflowClient
+    from components.tracking import mlflow_client
 
     path, digest, _ = _released_file(tmp_path, sizes={})  # LLFlow-S-SKF at the released size
     argv = ["import-released", "baseline/llflow-l@1", str(path), "--sha256", digest, "--name", "s-into-l",
             "--skb", "skb/hrnet-w48-lite@1"]  # fmt: skip
     code, _, err = _cli(argv, capsys)
     assert code != 0 and "missing key(s)" in err and "unexpected key(s)" in err and "shape mismatch" in err
-    assert not MlflowClient().search_registered_models()
+    assert not mlflow_client().search_registered_models()
