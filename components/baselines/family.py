@@ -135,8 +135,14 @@ class BaselineFamily:
             if key == "se":
                 self.se_factory(value)
                 continue
+            if key == "se_kwargs":  # builder options of the SE variant (e.g. the bottleneck's inner width)
+                if not isinstance(value, Mapping):
+                    raise RecipeError(
+                        f"model.se_kwargs must be a mapping of SE builder options, got {value!r}"
+                    )
+                continue
             if key not in params:
-                known = ", ".join(sorted([*params, "se"]))
+                known = ", ".join(sorted([*params, "se", "se_kwargs"]))
                 raise RecipeError(f"model.{key}: unknown key for {self.spec}; known: {known}")
             _check_value(self.spec, key, value, params[key].default)
 

@@ -122,4 +122,12 @@ class LLFlowLFamily(_LLFlowFamily):
     description = "LLFlow-L (nf 64, 24 RRDB, K 12, L 3, LLFlow_pc_small); skf=True adds 192-wide SE blocks"
     network = LLFlowL
     default_se = "se/restormer-xattn-bottleneck@1"
-    smoke_model = {"nf": 8, "nb": 2, "flow_steps": 1, "hidden": 16, "stack_blocks": [1]}
+    # the released 192-wide SE bottleneck would dwarf this network: the smoke SE runs 16 wide
+    smoke_model = {
+        "nf": 8,
+        "nb": 2,
+        "flow_steps": 1,
+        "hidden": 16,
+        "stack_blocks": [1],
+        "se_kwargs": {"inner": 16},
+    }
