@@ -180,7 +180,10 @@ def test_invalid_parameters_name_the_problem(
 def test_unknown_preset_lists_the_available_ones() -> None:
     from flows.pipeline import SkfTrainParams
 
-    with pytest.raises(ValueError, match=r"unknown pipeline preset 'nope'; available: demo, drbn-lol-v2, lol-v1, lol-v2, snr-net-lol-v1"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown pipeline preset 'nope'; available: demo, drbn-lol-v2, lol-v1, lol-v2, snr-net-lol-v1",
+    ):
         SkfTrainParams.model_validate({"preset": "nope"})
 
 

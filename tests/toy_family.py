@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from components.baselines.family import BaselineFamily, PriorsFor, SESlot, register_family
+from components.baselines.family import BaselineFamily, SESlot, register_family
 from components.training.engine import StepContext
 from components.training.routines import BaselineRoutine
 from models.se import SEFactory
@@ -63,13 +63,6 @@ class ToyRoutine(BaselineRoutine):
         ctx.backward_step(loss, "net", name="loss")
         return {"loss": loss.detach()}
 
-    def enhance(self, low: Tensor, batch: Mapping[str, Any] | None = None) -> Tensor:
-        if not self.skf.se:
-            return self.family.enhance(self.net, low, None)
-        return self.family.enhance(
-            self.net, low, lambda stage, image: self.test_priors(batch or {"low": low})
-        )
-
 
 class ToyFamily(BaselineFamily):
     name = "toy"
@@ -80,13 +73,6 @@ class ToyFamily(BaselineFamily):
     sch_preset = "snr"
     routine = ToyRoutine
     smoke_model = {"width": 8}
-
-    def enhance(
-        self, net: nn.Module, low: Tensor, priors_for: PriorsFor | None, *, two_pass: bool = False
-    ) -> Tensor:
-        if priors_for is None:
-            return net(low)
-        return net(low, sem=self.sem_inputs(priors_for("input", low), (low.shape[-2], low.shape[-1])))
 
 
 RECIPE: dict[str, Any] = {

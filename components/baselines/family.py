@@ -212,8 +212,14 @@ class BaselineFamily:
     def enhance(
         self, net: nn.Module, low: Tensor, priors_for: PriorsFor | None, *, two_pass: bool = False
     ) -> Tensor:
-        """Test-time enhancement of ``low`` (B×3×H×W in [0, 1]), unclamped; ``priors_for`` None: plain."""
-        raise NotImplementedError
+        """Test-time enhancement of ``low`` (B×3×H×W in [0, 1]), unclamped; ``priors_for`` None: plain.
+
+        The default is one pass with SE priors of the input (the network pads and crops itself); families
+        with another flow (DRBN's intermediate priors, SNR's second pass, LLFlow's input) override it.
+        """
+        if priors_for is None:
+            return net(low)
+        return net(low, sem=self.sem_inputs(priors_for("input", low), (low.shape[-2], low.shape[-1])))
 
     def check_skb(self, net: nn.Module, skb: Any) -> None:
         """The SE blocks must be built for the SKB's widths; say which ones differ, not a conv error."""

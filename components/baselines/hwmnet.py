@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from components.baselines.family import BaselineFamily, PriorsFor, SESlot, register_family
+from components.baselines.family import BaselineFamily, SESlot, register_family
 from components.training.engine import StepContext
-from components.training.routines import BaselineRoutine, TrainingSetupError
+from components.training.routines import BaselineRoutine
 from models.hwmnet import HWMNet
 
 __all__ = ["HWMNetFamily", "HWMNetRoutine"]
@@ -27,43 +27,18 @@ class HWMNetRoutine(BaselineRoutine):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.skf.enabled and self.skf.skb_input not in ("lq", "gt"):
-            raise TrainingSetupError("HWMNet-SKF segments a fixed image: set skf.skb_input to 'lq' or 'gt'")
+        self.require_fixed_skb_input()
 
     def train_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
         low, high = batch["low"], batch["high"]
-        size = high.shape[-2:]
-        sch_due = self.sch is not None and self.sch.should_apply(step)
-        priors = self.fixed_priors(batch) if (self.skf.se or sch_due or self.sa is not None) else None
-        sem = self.family.sem_inputs(priors, size) if self.skf.se else None
+        priors, sem, sch_due = self.step_priors(batch, step)
         with ctx.autocast():
-            pred = ctx.modules["net"](low, sem)
-        fake = pred.float()
+            fake = ctx.modules["net"](low, sem).float()
         rec = self.reconstruction(fake, high, step)
-        loss = rec
         metrics = {"rec": rec.detach()}
-        if self.sa is not None:
-            assert priors is not None
-            probs = priors.probabilities(size)
-            metrics["d_loss"] = self.discriminator_step(ctx, fake, high, probs)
-            adv = self.sa.generator_loss(fake, probs)
-            loss = loss + adv
-            metrics["adv"] = adv.detach()
-        if sch_due:
-            assert priors is not None and self.sch is not None
-            sch = self.sch(fake, high, priors.labels(size))
-            loss = loss + sch
-            metrics["sch"] = sch.detach()
+        loss = rec + self.semantic_losses(ctx, fake, high, priors, sch_due, metrics)
         ctx.backward_step(loss, "net", name="loss")
-        metrics["loss"] = loss.detach()
-        return metrics
-
-    def enhance(self, low: Tensor, batch: Mapping[str, Any] | None = None) -> Tensor:
-        if not self.skf.se:
-            return self.family.enhance(self.net, low, None)
-        return self.family.enhance(
-            self.net, low, lambda stage, image: self.test_priors(batch or {"low": low})
-        )
+        return {**metrics, "loss": loss.detach()}
 
 
 @register_family
@@ -77,11 +52,3 @@ class HWMNetFamily(BaselineFamily):
     sch_preset = "snr"
     routine = HWMNetRoutine
     smoke_model = {"wf": 8}
-
-    def enhance(
-        self, net: nn.Module, low: Tensor, priors_for: PriorsFor | None, *, two_pass: bool = False
-    ) -> Tensor:
-        """One pass (the network pads to a multiple of 16 and crops back), SE priors of the input."""
-        if priors_for is None:
-            return net(low)
-        return net(low, sem=self.sem_inputs(priors_for("input", low), (low.shape[-2], low.shape[-1])))

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from components.baselines.family import BaselineFamily, PriorsFor, SESlot, StageSpec, register_family
+from components.baselines.family import BaselineFamily, SESlot, StageSpec, register_family
 from components.kind_losses import (
     KIND_DEFAULT_WEIGHTS,
     KINDPP_DEFAULT_WEIGHTS,
@@ -41,10 +41,7 @@ class KinDRoutine(BaselineRoutine):
         super().__init__(*args, **kwargs)
         if self.stage is None:
             raise TrainingSetupError(f"{self.family.spec} trains in stages (decom, adjust, restore)")
-        if self.skf.enabled and self.skf.skb_input not in ("lq", "gt"):
-            raise TrainingSetupError(
-                f"{self.family.spec} SKF segments a fixed image: skf.skb_input 'lq' or 'gt'"
-            )
+        self.require_fixed_skb_input()
 
     def train_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
         low, high = batch["low"], batch["high"]
@@ -67,29 +64,14 @@ class KinDRoutine(BaselineRoutine):
         self, batch: Mapping[str, Any], step: int, ctx: StepContext
     ) -> tuple[Tensor, dict[str, Tensor]]:
         low, high = batch["low"], batch["high"]
-        size = high.shape[-2:]
-        sch_due = self.sch is not None and self.sch.should_apply(step)
-        priors = self.fixed_priors(batch) if (self.skf.se or sch_due or self.sa is not None) else None
-        sem = self.family.sem_inputs(priors, size) if self.skf.se else None
+        priors, sem, sch_due = self.step_priors(batch, step)
         with ctx.autocast():
             r_hat, r_high, i_hat = ctx.modules["net"](low, sem, stage="restore", high=high)
         r_hat = r_hat.float()
         target = self.family.losses["restore_target"](r_high.float())
         loss, metrics = self.weighted(self.family.losses["restore"](r_hat, target))
         fake = r_hat * i_hat.float()  # the enhanced image: the semantic losses judge it against the GT
-        if self.sa is not None:
-            assert priors is not None
-            probs = priors.probabilities(size)
-            metrics["d_loss"] = self.discriminator_step(ctx, fake, high, probs)
-            adv = self.sa.generator_loss(fake, probs)
-            loss = loss + adv
-            metrics["adv"] = adv.detach()
-        if sch_due:
-            assert priors is not None and self.sch is not None
-            sch = self.sch(fake, high, priors.labels(size))
-            loss = loss + sch
-            metrics["sch"] = sch.detach()
-        return loss, metrics
+        return loss + self.semantic_losses(ctx, fake, high, priors, sch_due, metrics), metrics
 
     def validate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Before the restoration stage: how well R·I reconstructs the input; then the enhanced image."""
@@ -97,13 +79,6 @@ class KinDRoutine(BaselineRoutine):
             r, i = self.net.decompose(batch["low"])
             return {"recon_psnr": psnr(r * i, batch["low"])}
         return super().validate(batch)
-
-    def enhance(self, low: Tensor, batch: Mapping[str, Any] | None = None) -> Tensor:
-        if not self.skf.se:
-            return self.family.enhance(self.net, low, None)
-        return self.family.enhance(
-            self.net, low, lambda stage, image: self.test_priors(batch or {"low": low})
-        )
 
 
 class _KinDFamilyBase(BaselineFamily):
@@ -129,14 +104,6 @@ class _KinDFamilyBase(BaselineFamily):
     }
     #: the stage losses and the restoration target (KinD and KinD++ differ there)
     losses: ClassVar[dict[str, Callable[..., Any]]]
-
-    def enhance(
-        self, net: nn.Module, low: Tensor, priors_for: PriorsFor | None, *, two_pass: bool = False
-    ) -> Tensor:
-        """Decompose, restore R (SE priors of the input), adjust I with the released test ratio (5.0)."""
-        if priors_for is None:
-            return net(low)
-        return net(low, sem=self.sem_inputs(priors_for("input", low), (low.shape[-2], low.shape[-1])))
 
 
 def _stages(weights: Mapping[str, Mapping[str, float]]) -> tuple[StageSpec, ...]:

@@ -54,8 +54,7 @@ class LLFlowRoutine(BaselineRoutine):
 
     def train_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
         low, high = batch["low"], batch["high"]
-        priors = self.fixed_priors(batch) if self.skf.enabled else None
-        sem = self.family.sem_inputs(priors, high.shape[-2:]) if self.skf.se else None
+        priors, sem, sch_due = self.step_priors(batch, step)
         with ctx.autocast():
             enc = ctx.modules["net"](low, sem, histeq=batch.get("histeq"), gt=high)
         z, color_map = enc.z.float(), enc.color_map.float()
@@ -65,22 +64,14 @@ class LLFlowRoutine(BaselineRoutine):
         ctx.check_finite(nll, "loss 'nll'")  # a flow's likelihood is the first thing to blow up: say so
         loss = nll
         metrics = {"nll": nll.detach()}
-        if self.sch is not None and self.sch.should_apply(step):
-            assert priors is not None
+        if sch_due:  # SCH(μ, z), gradients to both, as released
+            assert priors is not None and self.sch is not None
             sch = self.sch(mean, z, priors.labels(high.shape[-2:]), differentiate_target=True)
             loss = loss + sch
             metrics["sch"] = sch.detach()
         ctx.backward_step(loss, "net", name="loss")
         metrics["loss"] = loss.detach()
         return metrics
-
-    def enhance(self, low: Tensor, batch: Mapping[str, Any] | None = None) -> Tensor:
-        """Decode from the colour map, SE priors from the SKB on the input (online) or the batch (cached)."""
-        if not self.skf.se:
-            return self.family.enhance(self.net, low, None)
-        return self.family.enhance(
-            self.net, low, lambda stage, image: self.test_priors(batch or {"low": low})
-        )
 
 
 class _LLFlowFamily(BaselineFamily):

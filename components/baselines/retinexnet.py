@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from components.baselines.family import BaselineFamily, PriorsFor, SESlot, StageSpec, register_family
+from components.baselines.family import BaselineFamily, SESlot, StageSpec, register_family
 from components.retinex_losses import RETINEX_DEFAULT_WEIGHTS, retinex_decom_terms, retinex_relight_terms
 from components.training.engine import StepContext
 from components.training.routines import BaselineRoutine, TrainingSetupError, psnr
@@ -30,10 +30,7 @@ class RetinexRoutine(BaselineRoutine):
         super().__init__(*args, **kwargs)
         if self.stage is None:
             raise TrainingSetupError("RetinexNet trains in stages (decom, relight): use a staged recipe")
-        if self.skf.enabled and self.skf.skb_input not in ("lq", "gt"):
-            raise TrainingSetupError(
-                "RetinexNet-SKF segments a fixed image: set skf.skb_input to 'lq' or 'gt'"
-            )
+        self.require_fixed_skb_input()
 
     def train_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
         low, high = batch["low"], batch["high"]
@@ -48,27 +45,12 @@ class RetinexRoutine(BaselineRoutine):
 
     def _relight_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
         low, high = batch["low"], batch["high"]
-        size = high.shape[-2:]
-        sch_due = self.sch is not None and self.sch.should_apply(step)
-        priors = self.fixed_priors(batch) if (self.skf.se or sch_due or self.sa is not None) else None
-        sem = self.family.sem_inputs(priors, size) if self.skf.se else None
+        priors, sem, sch_due = self.step_priors(batch, step)
         with ctx.autocast():
             r_low, i_delta = ctx.modules["net"](low, sem, stage="relight")
         r_low, i_delta = r_low.float(), i_delta.float()
         loss, metrics = self.weighted(retinex_relight_terms(r_low, i_delta, high))
-        fake = r_low * i_delta
-        if self.sa is not None:
-            assert priors is not None
-            probs = priors.probabilities(size)
-            metrics["d_loss"] = self.discriminator_step(ctx, fake, high, probs)
-            adv = self.sa.generator_loss(fake, probs)
-            loss = loss + adv
-            metrics["adv"] = adv.detach()
-        if sch_due:
-            assert priors is not None and self.sch is not None
-            sch = self.sch(fake, high, priors.labels(size))
-            loss = loss + sch
-            metrics["sch"] = sch.detach()
+        loss = loss + self.semantic_losses(ctx, r_low * i_delta, high, priors, sch_due, metrics)
         ctx.backward_step(loss, "net", name="loss")
         return {**metrics, "loss": loss.detach()}
 
@@ -78,13 +60,6 @@ class RetinexRoutine(BaselineRoutine):
             r, i = self.net.decompose(batch["low"])
             return {"recon_psnr": psnr(r * i, batch["low"])}
         return super().validate(batch)
-
-    def enhance(self, low: Tensor, batch: Mapping[str, Any] | None = None) -> Tensor:
-        if not self.skf.se:
-            return self.family.enhance(self.net, low, None)
-        return self.family.enhance(
-            self.net, low, lambda stage, image: self.test_priors(batch or {"low": low})
-        )
 
 
 @register_family
@@ -116,11 +91,3 @@ class RetinexNetFamily(BaselineFamily):
         "stages.decom.scheduler": None,
         "stages.relight.scheduler": None,
     }
-
-    def enhance(
-        self, net: nn.Module, low: Tensor, priors_for: PriorsFor | None, *, two_pass: bool = False
-    ) -> Tensor:
-        """Decompose, relight (SE priors of the input), R_low · Î; the network pads and crops itself."""
-        if priors_for is None:
-            return net(low)
-        return net(low, sem=self.sem_inputs(priors_for("input", low), (low.shape[-2], low.shape[-1])))

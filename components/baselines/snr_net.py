@@ -32,19 +32,12 @@ class SNRRoutine(BaselineRoutine):
 
     def train_step(self, batch: Mapping[str, Any], step: int, ctx: StepContext) -> dict[str, Tensor]:
         low, high = batch["low"], batch["high"]
-        sch_due = self.sch is not None and self.sch.should_apply(step)
-        priors = self.fixed_priors(batch) if (self.skf.se or sch_due) else None
-        sem = self.family.sem_inputs(priors, high.shape[-2:]) if self.skf.se else None
+        priors, sem, sch_due = self.step_priors(batch, step)
         with ctx.autocast():
             pred = ctx.modules["net"](low, sem=sem)
         rec = self.reconstruction(pred, high, step)
-        loss = rec
         metrics = {"rec": rec.detach()}
-        if sch_due:
-            assert priors is not None and self.sch is not None
-            sch = self.sch(pred.float(), high, priors.labels(high.shape[-2:]))
-            loss = loss + sch
-            metrics["sch"] = sch.detach()
+        loss = rec + self.semantic_losses(ctx, pred.float(), high, priors, sch_due, metrics)
         ctx.backward_step(loss, "net", name="loss")
         metrics["loss"] = loss.detach()
         return metrics

@@ -241,9 +241,57 @@ class BaselineRoutine:
         return total, {n: terms[n].detach() for n in self.stage_weights}
 
     def enhance(self, low: Tensor, batch: Mapping[str, Any] | None = None) -> Tensor:
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement enhance (the family's test-time flow)"
+        """The family's test-time flow; SE priors of the low-light input (online SKB, or the batch's cache)."""
+        if not self.skf.se:
+            return self.family.enhance(self.net, low, None)
+        return self.family.enhance(
+            self.net, low, lambda stage, image: self.test_priors(batch or {"low": low})
         )
+
+    # the step's semantic inputs and losses ------------------------------------------------------
+    def step_priors(self, batch: Mapping[str, Any], step: int) -> tuple[Priors | None, Any, bool]:
+        """(priors, SE inputs, SCH due): the crop's priors when SE, a due SCH or SA needs them."""
+        sch_due = self.sch is not None and self.sch.should_apply(step)
+        priors = self.fixed_priors(batch) if (self.skf.se or sch_due or self.sa is not None) else None
+        sem = self.family.sem_inputs(priors, batch["high"].shape[-2:]) if self.skf.se else None
+        return priors, sem, sch_due
+
+    def semantic_losses(
+        self,
+        ctx: Any,
+        fake: Tensor,
+        high: Tensor,
+        priors: Priors | None,
+        sch_due: bool,
+        metrics: dict[str, Tensor],
+    ) -> Tensor:
+        """SA (one discriminator update, then the generator term) and SCH on the output ``fake``.
+
+        Returns the generator-side total to add to the loss (zero when neither applies); ``metrics``
+        gains ``d_loss``/``adv``/``sch``.
+        """
+        total = fake.new_zeros((), dtype=torch.float32)
+        size = high.shape[-2:]
+        if self.sa is not None:
+            assert priors is not None
+            probs = priors.probabilities(size)
+            metrics["d_loss"] = self.discriminator_step(ctx, fake, high, probs)
+            adv = self.sa.generator_loss(fake, probs)
+            total = total + adv
+            metrics["adv"] = adv.detach()
+        if sch_due:
+            assert priors is not None and self.sch is not None
+            sch = self.sch(fake, high, priors.labels(size))
+            total = total + sch
+            metrics["sch"] = sch.detach()
+        return total
+
+    def require_fixed_skb_input(self) -> None:
+        """Families whose SKB segments a fixed image (not an intermediate output) refuse 'intermediate'."""
+        if self.skf.enabled and self.skf.skb_input not in ("lq", "gt"):
+            raise TrainingSetupError(
+                f"{self.family.spec} with SKF segments a fixed image: set skf.skb_input to 'lq' or 'gt'"
+            )
 
     def validate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """PSNR and SSIM of the test-time output on a validation batch."""
