@@ -90,8 +90,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.padding import crop, fit_prior, pad_to_multiple, scaled_size
+from models.padding import crop, pad_to_multiple
 from models.se import SEFactory, SemanticEmbedding
+from models.semantics import align_priors, checked_sem
 
 __all__ = [
     "ChannelAttention",
@@ -418,26 +419,6 @@ class HWMNet(nn.Module):
     def _align(
         self, size: tuple[int, int], padded: Sequence[int], sem: Sequence[Tensor] | None
     ) -> list[Tensor] | None:
-        """The priors fitted to their hosts on the padded image (:func:`models.padding.fit_prior`)."""
-        if sem is None:
-            if self.skf:
-                raise ValueError(
-                    "HWMNet was built with skf=True (SKF) and needs sem=(F0, F1, F2); "
-                    "build it with skf=False for the plain baseline"
-                )
-            return None
-        if not self.skf:
-            raise ValueError(
-                "HWMNet was built with skf=False and has no SE blocks; pass sem=None or build with skf=True"
-            )
-        if hasattr(sem, "logits"):  # the SKB's Priors object: its length is the batch size, not 3 maps
-            raise TypeError(
-                "HWMNet takes sem=(F0, F1, F2) tensors, not a Priors object; map it with the family's "
-                "sem_inputs(priors, size) (components.baselines)"
-            )
-        if len(sem) != 3:
-            raise ValueError(f"HWMNet expects sem=(F0, F1, F2), got {len(sem)} tensors")
-        return [
-            fit_prior(s, scaled_size(size, k), (padded[0] // k, padded[1] // k))
-            for s, k in zip(sem, self.se_scales, strict=True)
-        ]
+        """The priors fitted to their hosts on the padded image (:func:`models.semantics.align_priors`)."""
+        checked = checked_sem("HWMNet", self.skf, sem)
+        return None if checked is None else align_priors(checked, size, padded, self.se_scales)

@@ -57,8 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.padding import crop, fit_prior, pad_to_multiple, scaled_size, working_layout
+from models.padding import crop, pad_to_multiple, working_layout
 from models.se import SEFactory, SemanticEmbedding
+from models.semantics import align_priors, checked_sem
 
 __all__ = ["DecomNet", "EnhanceNet", "RetinexNet", "SameConv2d", "tf_same_padding"]
 
@@ -286,36 +287,13 @@ class RetinexNet(nn.Module):
             raise ValueError(f"RetinexNet expects B×3×H×W RGB, got shape {tuple(image.shape)}")
 
     def _validate(self, sem: Sequence[Tensor] | None) -> Sequence[Tensor] | None:
-        """``sem`` itself after checking it suits the model (SNRNet's rules)."""
-        if sem is None:
-            if self.skf:
-                raise ValueError(
-                    "RetinexNet was built with skf=True (SKF) and needs sem=(F0, F1, F2); "
-                    "build it with skf=False for the plain baseline"
-                )
-            return None
-        if not self.skf:
-            raise ValueError(
-                "RetinexNet was built with skf=False and has no SE blocks; pass sem=None or build with skf=True"
-            )
-        if hasattr(sem, "logits"):  # the SKB's Priors object: its length is the batch size, not 3 maps
-            raise TypeError(
-                "RetinexNet takes sem=(F0, F1, F2) tensors, not a Priors object; map it with the family's "
-                "sem_inputs(priors, size) (components.baselines)"
-            )
-        if len(sem) != 3:
-            raise ValueError(f"RetinexNet expects sem=(F0, F1, F2), got {len(sem)} tensors")
-        return sem
+        """``sem`` itself after checking it suits the model (:func:`models.semantics.checked_sem`)."""
+        return checked_sem("RetinexNet", self.skf, sem)
 
     def _align(
         self, size: tuple[int, int], padded: Sequence[int], sem: Sequence[Tensor] | None
     ) -> list[Tensor] | None:
         """The priors fitted to the hosts of a padded image (:func:`models.padding.fit_prior`)."""
         sem = self._validate(sem)
-        if sem is None:
-            return None
-        scales = (1, 2, 4)  # host scales of att_block_1 (deconv3), _2 (deconv2), _3 (deconv1)
-        return [
-            fit_prior(s, scaled_size(size, k), (padded[0] // k, padded[1] // k))
-            for s, k in zip(sem, scales, strict=True)
-        ]
+        # host scales of att_block_1 (deconv3), _2 (deconv2), _3 (deconv1)
+        return None if sem is None else align_priors(sem, size, padded, (1, 2, 4))

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.padding import crop, fit_prior, pad_to_multiple, scaled_size, working_layout
+from models.padding import crop, pad_to_multiple, working_layout
 from models.se import SEFactory, SemanticEmbedding
+from models.semantics import align_priors, checked_sem
 
 __all__ = ["LUMA_WEIGHTS", "PatchTransformer", "ResidualBlockNoBN", "SNRNet", "box_blur", "snr_mask"]
 
@@ -284,26 +285,6 @@ class SNRNet(nn.Module):
     def _align(
         self, size: tuple[int, int], padded: Sequence[int], sem: Sequence[Tensor] | None
     ) -> list[Tensor] | None:
-        if sem is None:
-            if self.skf:
-                raise ValueError(
-                    "SNRNet was built with skf=True (SKF) and needs sem=(F0, F1, F2); "
-                    "build it with skf=False for the plain baseline"
-                )
-            return None
-        if not self.skf:
-            raise ValueError(
-                "SNRNet was built with skf=False and has no SE blocks; pass sem=None or build with skf=True"
-            )
-        if hasattr(sem, "logits"):  # the SKB's Priors object: its length is the batch size, not 3 maps
-            raise TypeError(
-                "SNRNet takes sem=(F0, F1, F2) tensors, not a Priors object; map it with the family's "
-                "sem_inputs(priors, size) (components.baselines)"
-            )
-        if len(sem) != 3:
-            raise ValueError(f"SNRNet expects sem=(F0, F1, F2), got {len(sem)} tensors")
-        scales = (1, 2, 4)  # host scale of att_block_1, att_block_2, att_block_3
-        return [
-            fit_prior(s, scaled_size(size, k), (padded[0] // k, padded[1] // k))
-            for s, k in zip(sem, scales, strict=True)
-        ]
+        """The priors fitted to their hosts on the padded image (:func:`models.semantics.align_priors`)."""
+        checked = checked_sem("SNRNet", self.skf, sem)
+        return None if checked is None else align_priors(checked, size, padded, (1, 2, 4))
