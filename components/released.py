@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.errors import UserInputError
+from components.weights import SHA256_HEX
 
 __all__ = ["ReleasedImport", "import_released"]
 
@@ -40,7 +41,7 @@ class ReleasedImport:
 
 def _checked_sha256(value: str, what: str) -> str:
     digest = value.strip().lower()
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+    if not SHA256_HEX.fullmatch(digest):
         raise UserInputError(
             f"{what} must be a full sha256 (64 hex digits), got {value!r}; compute it with `sha256sum FILE`"
         )

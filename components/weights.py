@@ -64,7 +64,8 @@ __all__ = [
 PIN_ENV = "SKF_PIN_SHA256"
 BUNDLED_DIR = Path(__file__).resolve().parent / "evaluation" / "assets"
 _CHUNK = 1 << 20
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+#: A full sha256 as this project writes and accepts it: 64 lowercase hex digits.
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class WeightIntegrityError(IntegrityError):
@@ -161,7 +162,7 @@ def parse_pins(entries: Iterable[str], source: str) -> dict[str, str]:
     for entry in (e for text in entries for e in re.split(r"[,\s]+", text) if e):
         name, _, digest = entry.partition("=")
         digest = digest.strip().lower()
-        if not _HEX64.fullmatch(digest):
+        if not SHA256_HEX.fullmatch(digest):
             raise UserInputError(f"{source}: {entry!r} is not name=<64 hex digits>; give the full sha256")
         pins[get_spec(name.strip()).name] = digest
     return pins

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from components.errors import SKFError
 from components.storage import IntegrityError, sha256_bytes
+from components.weights import SHA256_HEX
 from models.hrnet import HRNetConfig, hrnet_w48_lite_config
 
 __all__ = [
@@ -64,7 +65,6 @@ WEIGHTS_FILE = "segmenter.safetensors"
 ARTIFACT_PATH = "segmenter"  # the run artifact folder and the registered version's source
 SHA_TAG = "skf.segmenter.sha256"
 FORMAT = 1
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -183,7 +183,7 @@ def _check_spec(spec: Any, where: str) -> dict[str, Any]:
         raise bad(f"'classes' must list 1..{NUM_CLASSES} class names, got {classes!r}")
     if spec.get("input_transform") not in INPUT_TRANSFORMS:
         raise bad(f"unknown input_transform {spec.get('input_transform')!r}")
-    if not _HEX64.fullmatch(str(spec.get("weights_sha256", ""))):
+    if not SHA256_HEX.fullmatch(str(spec.get("weights_sha256", ""))):
         raise bad("it records no weights_sha256")
     return spec
 
