@@ -50,15 +50,17 @@ scripts' ratio taken from the ground truth's decomposition (:func:`illumination_
 as ``ratio``).
 
 SKF (the paper gives no placement for KinD; this project's choice, docs/method.md §6.4): SE blocks refine
-the restoration net's decoder features, the deepest prior on the deepest feature, as in SNR-SKF:
+the restoration net's features, the deepest prior on the deepest feature:
 
 * KinD's restoration U-Net: each decoder stage is upsample+concat -> two 3×3 convs. ``att_block_3``
-  (F2) follows stage 7 (128 ch at 1/4), ``att_block_2`` (F1) stage 8 (64 ch at 1/2), ``att_block_1`` (F0)
-  stage 9 (32 ch at 1/1, just before ``de_conv10``): after the convs, where the stage's feature is final,
-  before the next upsampling. Every prior is upsampled ×4 onto its host, as in SNR-SKF.
-* KinD++'s restoration net has no decoder scales: all three hosts are at 1/1, at the stage ends of its
-  narrowing half: ``att_block_3`` after ``msia_3`` (256 ch), ``att_block_2`` after ``msia_4`` (64 ch),
-  ``att_block_1`` after ``de_conv5_1`` (32 ch, before ``de_conv10``). The priors are upsampled ×16, ×8, ×4.
+  (F2) follows stage 6 (256 ch at 1/8), ``att_block_2`` (F1) stage 7 (128 ch at 1/4), ``att_block_1`` (F0)
+  stage 8 (64 ch at 1/2): after the convs, where the stage's feature is final, before the next upsampling.
+  Every prior is upsampled ×2 onto its host; the scales are released LLFlow-SKF's (1/8, 1/4, 1/2). The
+  full-resolution stage 9 gets none: at 32 channels and 1/1 an SE block costs half of the whole SE time.
+* KinD++'s restoration net has no decoder scales: all three hosts are at 1/1, one at each width of its
+  narrowing half: ``att_block_3`` after ``de_conv4_1`` (128 ch), ``att_block_2`` after ``msia_4`` (64 ch),
+  ``att_block_1`` after ``de_conv5_1`` (32 ch, before ``de_conv10``). The 256-channel features before them
+  get none (an SE block there costs four times the 128-channel one). The priors are upsampled ×16, ×8, ×4.
 
 The SE blocks live inside ``restore`` (``restore.att_block_{1,2,3}``), so the restoration stage trains them.
 
@@ -235,13 +237,13 @@ class KinDRestorationNet(nn.Module):
     Encoder: two 3×3 convs per level (32, 64, 128, 256, 512 channels for ``channels=32``) with 2×2
     max-pools between; decoder: :class:`UpsampleConcat` with the encoder feature of the same level, then
     two 3×3 convs; all lrelu; a 3×3 conv to 3 channels and a sigmoid. SE blocks (``skf=True``) follow
-    decoder stages 7, 8 and 9 (1/4, 1/2, 1/1), see the module docstring.
+    decoder stages 6, 7 and 8 (1/8, 1/4, 1/2), see the module docstring.
     """
 
     #: Input side multiple at which no pooling rounds up (the U-Net accepts any size, see module docstring).
     stride = 16
-    #: Host scale of att_block_1, att_block_2, att_block_3 (1/1, 1/2, 1/4).
-    sem_scales = (1, 2, 4)
+    #: Host scale of att_block_1, att_block_2, att_block_3 (1/2, 1/4, 1/8).
+    sem_scales = (2, 4, 8)
 
     def __init__(
         self,
@@ -279,9 +281,9 @@ class KinDRestorationNet(nn.Module):
         _tf_init(self)
         if skf:
             build = se_factory or _default_se_factory()
-            self.att_block_1 = build(sem_channels[0], c)  # F0 -> decoder stage 9, 1/1
-            self.att_block_2 = build(sem_channels[1], 2 * c)  # F1 -> decoder stage 8, 1/2
-            self.att_block_3 = build(sem_channels[2], 4 * c)  # F2 -> decoder stage 7, 1/4
+            self.att_block_1 = build(sem_channels[0], 2 * c)  # F0 -> decoder stage 8, 1/2
+            self.att_block_2 = build(sem_channels[1], 4 * c)  # F1 -> decoder stage 7, 1/4
+            self.att_block_3 = build(sem_channels[2], 8 * c)  # F2 -> decoder stage 6, 1/8
 
     @staticmethod
     def _two(a: nn.Conv2d, b: nn.Conv2d, x: Tensor) -> Tensor:
@@ -299,15 +301,15 @@ class KinDRestorationNet(nn.Module):
         c4 = self._two(self.de_conv4_1, self.de_conv4_2, _pool(c3))
         c5 = self._two(self.de_conv5_1, self.de_conv5_2, _pool(c4))
         c6 = self._two(self.de_conv6_1, self.de_conv6_2, self.up_6(c5, c4))
+        if sem is not None:
+            c6 = self.att_block_3(c6, sem[2])
         c7 = self._two(self.de_conv7_1, self.de_conv7_2, self.up_7(c6, c3))
         if sem is not None:
-            c7 = self.att_block_3(c7, sem[2])
+            c7 = self.att_block_2(c7, sem[1])
         c8 = self._two(self.de_conv8_1, self.de_conv8_2, self.up_8(c7, c2))
         if sem is not None:
-            c8 = self.att_block_2(c8, sem[1])
+            c8 = self.att_block_1(c8, sem[0])
         c9 = self._two(self.de_conv9_1, self.de_conv9_2, self.up_9(c8, c1))
-        if sem is not None:
-            c9 = self.att_block_1(c9, sem[0])
         return torch.sigmoid(self.de_conv10(c9))
 
 
@@ -408,7 +410,7 @@ class KinDPPRestorationNet(nn.Module):
             build = se_factory or _default_se_factory()
             self.att_block_1 = build(sem_channels[0], c)  # F0 -> after de_conv5_1
             self.att_block_2 = build(sem_channels[1], 2 * c)  # F1 -> after msia_4
-            self.att_block_3 = build(sem_channels[2], 8 * c)  # F2 -> after msia_3
+            self.att_block_3 = build(sem_channels[2], 4 * c)  # F2 -> after de_conv4_1
 
     def forward(self, r: Tensor, i: Tensor, sem: Sequence[Tensor] | None = None) -> Tensor:
         """``r``: B×3×H×W, ``i``: B×1×H×W with H, W multiples of 4; ``sem``: aligned (F0, F1, F2) iff ``skf``.
@@ -428,9 +430,10 @@ class KinDPPRestorationNet(nn.Module):
         x = self.msia_2(x, i)
         x = _lrelu(self.de_conv3_2(_lrelu(self.de_conv3_1(x))))
         x = self.msia_3(x, i)
+        x = _lrelu(self.de_conv4_1(x))
         if sem is not None:
             x = self.att_block_3(x, sem[2])
-        x = _lrelu(self.de_conv4_2(_lrelu(self.de_conv4_1(x))))
+        x = _lrelu(self.de_conv4_2(x))
         x = self.msia_4(x, i)
         if sem is not None:
             x = self.att_block_2(x, sem[1])

@@ -30,10 +30,12 @@ Read from the official TensorFlow code (``weichen582/RetinexNet``, ``model.py``)
   state-dict layout is claimed.
 
 SKF (``skf=True``): the paper names no insertion point for RetinexNet (docs/method.md §6.4); here SE blocks
-refine the Enhance-Net decoder right after each stage, before the stage feeds the next one and the fusion:
-``att_block_3`` on ``deconv1`` (1/4, F2 192 ch from 1/16), ``att_block_2`` on ``deconv2`` (1/2, F1 96 ch
-from 1/8), ``att_block_1`` on ``deconv3`` (1/1, F0 48 ch from 1/4). The Decom-Net gets none: it must stay
-a pure decomposition (its losses tie R to both images).
+refine the three coarsest decoder features, each where it enters the next resize-conv stage (and, for
+``deconv1``/``deconv2``, the fusion): ``att_block_3`` on ``conv3`` (1/8, F2 192 ch from 1/16),
+``att_block_2`` on ``deconv1`` (1/4, F1 96 ch from 1/8), ``att_block_1`` on ``deconv2`` (1/2, F0 48 ch from
+1/4); every prior is upsampled ×2, and the scales are released LLFlow-SKF's. The full-resolution stage gets
+none: a 64-channel SE block there costs most of a plain Enhance-Net step. The Decom-Net gets none: it must
+stay a pure decomposition (its losses tie R to both images).
 
 Differences from the official code:
 
@@ -168,9 +170,9 @@ class EnhanceNet(nn.Module):
             if len(sem_channels) != 3:
                 raise ValueError(f"sem_channels must give (F0, F1, F2) channels, got {tuple(sem_channels)}")
             build = se_factory or partial(SemanticEmbedding, heads=2, ffn="gdfn", ffn_factor=2.66)
-            self.att_block_1 = build(sem_channels[0], channels)  # F0 (1/4) -> deconv3 at 1/1
-            self.att_block_2 = build(sem_channels[1], channels)  # F1 (1/8) -> deconv2 at 1/2
-            self.att_block_3 = build(sem_channels[2], channels)  # F2 (1/16) -> deconv1 at 1/4
+            self.att_block_1 = build(sem_channels[0], channels)  # F0 (1/4) -> deconv2 at 1/2
+            self.att_block_2 = build(sem_channels[1], channels)  # F1 (1/8) -> deconv1 at 1/4
+            self.att_block_3 = build(sem_channels[2], channels)  # F2 (1/16) -> conv3 at 1/8
 
     def forward(self, R: Tensor, I: Tensor, sem: Sequence[Tensor] | None = None) -> Tensor:  # noqa: E741
         """``R``: B×3×H×W, ``I``: B×1×H×W, any H, W; ``sem``: (F0, F1, F2), already aligned to the image
@@ -184,16 +186,16 @@ class EnhanceNet(nn.Module):
         conv1 = F.relu(self.conv1(conv0))
         conv2 = F.relu(self.conv2(conv1))
         conv3 = F.relu(self.conv3(conv2))
+        if sem is not None:
+            conv3 = self.att_block_3(conv3, sem[2])
         # resize-conv stages: ReLU first, then the skip is added (as released)
         deconv1 = F.relu(self.deconv1(_resize_to(conv3, conv2))) + conv2
         if sem is not None:
-            deconv1 = self.att_block_3(deconv1, sem[2])
+            deconv1 = self.att_block_2(deconv1, sem[1])
         deconv2 = F.relu(self.deconv2(_resize_to(deconv1, conv1))) + conv1
         if sem is not None:
-            deconv2 = self.att_block_2(deconv2, sem[1])
+            deconv2 = self.att_block_1(deconv2, sem[0])
         deconv3 = F.relu(self.deconv3(_resize_to(deconv2, conv0))) + conv0
-        if sem is not None:
-            deconv3 = self.att_block_1(deconv3, sem[0])
         gathered = torch.cat((_resize_to(deconv1, deconv3), _resize_to(deconv2, deconv3), deconv3), dim=1)
         return self.output(self.feature_fusion(gathered))  # neither layer has an activation
 
@@ -295,5 +297,5 @@ class RetinexNet(nn.Module):
     ) -> list[Tensor] | None:
         """The priors fitted to the hosts of a padded image (:func:`models.padding.fit_prior`)."""
         sem = self._validate(sem)
-        # host scales of att_block_1 (deconv3), _2 (deconv2), _3 (deconv1)
-        return None if sem is None else align_priors(sem, size, padded, (1, 2, 4))
+        # host scales of att_block_1 (deconv2), _2 (deconv1), _3 (conv3)
+        return None if sem is None else align_priors(sem, size, padded, (2, 4, 8))

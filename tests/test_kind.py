@@ -192,7 +192,7 @@ def test_kindpp_reuses_kind_decomposition_and_adjustment() -> None:
 # ---------------------------------------------------------------------------------------------------
 SE_DEFAULT = partial(SemanticEmbedding, heads=2, ffn="gdfn", ffn_factor=2.66)
 # host channels of (att_block_1, att_block_2, att_block_3)
-HOST_CHANNELS = {KinD: (32, 64, 128), KinDPP: (32, 64, 256)}
+HOST_CHANNELS = {KinD: (64, 128, 256), KinDPP: (32, 64, 128)}
 
 
 @pytest.mark.parametrize("cls", [KinD, KinDPP])
@@ -232,25 +232,25 @@ def test_kind_se_blocks_sit_after_decoder_stages_at_claimed_scales() -> None:
     model = KinD(skf=True).eval()
     se = _record_se_io(model)
     layers: dict = {}
-    for name in ("de_conv7_2", "de_conv8_2", "de_conv9_2", "up_8", "up_9", "de_conv10"):
+    for name in ("de_conv6_2", "de_conv7_2", "de_conv8_2", "up_7", "up_8", "up_9"):
         _record_io(getattr(model.restore, name), layers, name)
     h, w = 64, 80
     with torch.no_grad():
         model(torch.rand(1, 3, h, w), priors(1, (h, w)))
     lrelu = partial(F.leaky_relu, negative_slope=0.2)
-    # host shapes: att_block_3 at 1/4 (128 ch), att_block_2 at 1/2 (64 ch), att_block_1 at 1/1 (32 ch)
-    assert se["att_block_3"][0].shape == (1, 128, h // 4, w // 4)
-    assert se["att_block_2"][0].shape == (1, 64, h // 2, w // 2)
-    assert se["att_block_1"][0].shape == (1, 32, h, w)
-    # each prior reaches its host by a ×4 upsampling (F2 1/16 -> 1/4, F1 1/8 -> 1/2, F0 1/4 -> 1/1)
+    # host shapes: att_block_3 at 1/8 (256 ch), att_block_2 at 1/4 (128 ch), att_block_1 at 1/2 (64 ch)
+    assert se["att_block_3"][0].shape == (1, 256, h // 8, w // 8)
+    assert se["att_block_2"][0].shape == (1, 128, h // 4, w // 4)
+    assert se["att_block_1"][0].shape == (1, 64, h // 2, w // 2)
+    # each prior reaches its host by a ×2 upsampling (F2 1/16 -> 1/8, F1 1/8 -> 1/4, F0 1/4 -> 1/2)
     for k in (1, 2, 3):
         host, prior, _ = se[f"att_block_{k}"]
-        assert host.shape[-1] == 4 * prior.shape[-1] and host.shape[-2] == 4 * prior.shape[-2]
-    # each block takes its stage's final (activated) conv output and feeds the next upsampling / output conv
+        assert host.shape[-1] == 2 * prior.shape[-1] and host.shape[-2] == 2 * prior.shape[-2]
+    # each block takes its stage's final (activated) conv output and feeds the next upsampling
     for k, conv, nxt in (
-        (3, "de_conv7_2", "up_8"),
-        (2, "de_conv8_2", "up_9"),
-        (1, "de_conv9_2", "de_conv10"),
+        (3, "de_conv6_2", "up_7"),
+        (2, "de_conv7_2", "up_8"),
+        (1, "de_conv8_2", "up_9"),
     ):
         host, _, out = se[f"att_block_{k}"]
         torch.testing.assert_close(host, lrelu(layers[conv][1]))
@@ -261,16 +261,17 @@ def test_kindpp_se_blocks_sit_after_msia_stages_at_full_resolution() -> None:
     model = KinDPP(skf=True).eval()
     se = _record_se_io(model)
     layers: dict = {}
-    for name in ("msia_3", "msia_4", "de_conv5_1", "de_conv4_1", "de_conv10"):
+    for name in ("de_conv4_1", "de_conv4_2", "msia_4", "de_conv5_1", "de_conv10"):
         _record_io(getattr(model.restore, name), layers, name)
     h, w = 16, 20
     with torch.no_grad():
         model(torch.rand(1, 3, h, w), priors(1, (h, w)))
-    assert se["att_block_3"][0].shape == (1, 256, h, w)
+    assert se["att_block_3"][0].shape == (1, 128, h, w)
     assert se["att_block_2"][0].shape == (1, 64, h, w)
     assert se["att_block_1"][0].shape == (1, 32, h, w)
-    torch.testing.assert_close(se["att_block_3"][0], layers["msia_3"][1])
-    torch.testing.assert_close(layers["de_conv4_1"][0][0], se["att_block_3"][2])
+    # one block at each width of the narrowing half: after de_conv4_1 (128), msia_4 (64), de_conv5_1 (32)
+    torch.testing.assert_close(se["att_block_3"][0], F.leaky_relu(layers["de_conv4_1"][1], 0.2))
+    torch.testing.assert_close(layers["de_conv4_2"][0][0], se["att_block_3"][2])
     torch.testing.assert_close(se["att_block_2"][0], layers["msia_4"][1])
     torch.testing.assert_close(se["att_block_1"][0], F.leaky_relu(layers["de_conv5_1"][1], 0.2))
     torch.testing.assert_close(layers["de_conv10"][0][0], se["att_block_1"][2])

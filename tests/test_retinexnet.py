@@ -172,10 +172,10 @@ def test_se_blocks_sit_on_the_decoder_stages():
         out = skf(low, _priors(1, 37, 45))
         torch.testing.assert_close(out, plain(low))  # identity blocks change nothing
     e = skf.enhance
-    # deconv1 at 1/4 = 10×12 needs no padding: F2 passes as it is (the SE block resizes it, as released)
-    assert e.att_block_3.calls == [((1, 64, 10, 12), (1, 192, 3, 3))]
-    assert e.att_block_2.calls == [((1, 64, 20, 24), (1, 96, 20, 24))]  # deconv2 at 1/2, F1 fitted + padded
-    assert e.att_block_1.calls == [((1, 64, 40, 48), (1, 48, 40, 48))]  # deconv3 at 1/1, F0
+    # conv3 at 1/8 = 5×6: F2 (3×3 of the 37×45 image) fitted to 5×6 (the SE block resizes ×2 as released)
+    assert e.att_block_3.calls == [((1, 64, 5, 6), (1, 192, 3, 3))]
+    assert e.att_block_2.calls == [((1, 64, 10, 12), (1, 96, 5, 6))]  # deconv1 at 1/4, F1 (1/8) as it is
+    assert e.att_block_1.calls == [((1, 64, 20, 24), (1, 48, 20, 24))]  # deconv2 at 1/2, F0 fitted + padded
 
 
 def test_se_output_feeds_the_next_stage():

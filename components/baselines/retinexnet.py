@@ -2,7 +2,7 @@
 
 RetinexNet trains two sub-networks in sequence, as the original does: ``decom`` (Decom-Net, on low and high
 pairs with the decomposition losses) and then ``relight`` (Enhance-Net, with the Decom-Net frozen). The
-SKF variant was never released; here the SE blocks sit in the Enhance-Net's decoder at 1/4, 1/2 and 1/1
+SKF variant was never released; here the SE blocks sit in the Enhance-Net's decoder at 1/8, 1/4 and 1/2
 (F2, F1, F0) and the semantic losses (SCH, SA) train the Enhance-Net only, the last sub-network
 (docs/method.md §6.4).
 """
