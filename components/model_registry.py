@@ -6,7 +6,9 @@ Logging (:func:`log_enhancer`): the enhancer is an MLflow pyfunc logged *from co
 resolved component versions, SKB settings and fingerprint), ``enhancer.safetensors`` and
 ``skb.safetensors``, plus ``model_card.json`` (dataset version, evaluation protocol, metrics). No model
 object is pickled. Signature: input and output are float32 tensors (-1, -1, -1, 3) -- a batch of RGB
-images in [0, 1], channels last. The new version gets alias ``challenger`` and tags ``skf.*``.
+images in [0, 1], channels last; a small input example is logged with it. The new version gets alias
+``challenger``, tags ``skf.*`` and a description (baseline, SKB, dataset version, protocol, metrics); the
+registered model's description names what its newest version is.
 
 Promotion (:func:`promote`) moves ``champion`` only if the challenger was evaluated on the champion's
 dataset version and protocol, its primary metric beats the champion's by more than the policy margin,
@@ -416,6 +418,37 @@ def model_signature() -> Any:
     return ModelSignature(inputs=Schema([image]), outputs=Schema([image]))
 
 
+def input_example() -> Any:
+    """A mid-grey 64x64 batch of one: stored with the model to show what a request looks like, and
+    predicted once by MLflow while logging, which checks that the logged model serves."""
+    import numpy as np
+
+    return np.full((1, 64, 64, 3), 0.5, dtype=np.float32)
+
+
+def _what(spec: EnhancerSpec) -> str:
+    if not spec.skf:
+        return f"plain baseline {spec.baseline} (no SKB)"
+    weights = "pretrained" if spec.skb_pretrained else "randomly initialised, never promoted"
+    return f"baseline {spec.baseline} with SKB {spec.skb} ({weights}, fingerprint {spec.skb_fingerprint})"
+
+
+def descriptions(
+    spec: EnhancerSpec, *, version: str, dataset_version: str, protocol: str, metrics: Mapping[str, float]
+) -> tuple[str, str]:
+    """(registered model, model version) descriptions: what the registry UI shows a reader first."""
+    scores = ", ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items())) or "none"
+    model = (
+        "SKF low-light enhancer (MLflow pyfunc: float32 (N, H, W, 3) RGB in [0, 1] -> the same). "
+        f"Newest version {version}: {_what(spec)}."
+    )
+    mv = (
+        f"{_what(spec)}{', two-pass' if spec.two_pass else ''}. Dataset version {dataset_version}; "
+        f"evaluation protocol {protocol}; metrics: {scores}."
+    )
+    return model, mv
+
+
 def _version_tags(
     spec: EnhancerSpec,
     *,
@@ -508,6 +541,7 @@ def log_enhancer(
             artifacts=artifacts,
             code_paths=_bundle_code(tmp) if bundle_code else None,
             signature=model_signature(),
+            input_example=input_example(),  # MLflow also runs the logged model on it once (~1 s)
             pip_requirements=pip_requirements(),
         )
     run_tags = {f"{TAG}model_uri": info.model_uri, f"{TAG}dataset_version": dataset_version}
@@ -524,6 +558,11 @@ def log_enhancer(
         extra=extra_tags,
     )
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    model_text, version_text = descriptions(
+        spec, version=str(mv.version), dataset_version=dataset_version, protocol=protocol, metrics=metrics
+    )
+    client.update_registered_model(name, description=model_text)
+    client.update_model_version(name, mv.version, description=version_text)
     challenger = False
     if set_challenger:
         with registry_lock(name, lock_url=lock_url):

@@ -10,7 +10,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from components.inference import load_enhancer_files
 from components.serving import ARTIFACT_NET, ARTIFACT_SKB, ARTIFACT_SPEC, default_device, enhance_batch
@@ -19,7 +19,9 @@ from components.serving import ARTIFACT_NET, ARTIFACT_SKB, ARTIFACT_SPEC, defaul
 class EnhancerPyfunc(PythonModel):
     """MLflow pyfunc around :class:`~components.inference.Enhancer`.
 
-    ``predict`` takes the (N, H, W, 3) float32 [0, 1] batch of the model signature.
+    ``predict`` takes the (N, H, W, 3) float32 [0, 1] batch of the model signature. Its ``np.ndarray``
+    hint is one MLflow infers no schema from: the logged tensor signature stays the contract, and MLflow
+    does not warn about a ``predict`` without type hints.
     """
 
     def load_context(self, context: Any) -> None:
@@ -28,7 +30,12 @@ class EnhancerPyfunc(PythonModel):
             arts[ARTIFACT_SPEC], arts[ARTIFACT_NET], arts.get(ARTIFACT_SKB), device=default_device()
         ).eval()
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 - the signature is logged explicitly
+    def predict(
+        self,
+        context: PythonModelContext | None,
+        model_input: np.ndarray,
+        params: dict[str, Any] | None = None,
+    ) -> np.ndarray:
         batch = np.asarray(model_input, dtype=np.float32)
         return enhance_batch(self.enhancer, batch)
 

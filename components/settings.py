@@ -76,6 +76,9 @@ class Settings(BaseModel):
     catalog_url: str = Field(description="SQLAlchemy URL of the catalog (SKF_CATALOG_URL).")
     storage_uri: str = Field(description="Root URI for datasets, priors and checkpoints (SKF_STORAGE_URI).")
     mlflow_tracking_uri: str = Field(description="MLflow tracking URI (MLFLOW_TRACKING_URI).")
+    mlflow_experiment_name: str = Field(
+        "skf", min_length=1, description="MLflow experiment of the enhancer runs (MLFLOW_EXPERIMENT_NAME)."
+    )
     weights_uri: str = Field(description="Where metric and SKB weights live (SKF_WEIGHTS_URI).")
     limits: Limits = Field(default_factory=lambda: Limits(), description="Resource limits (SKF_MAX_*).")
 
@@ -88,6 +91,8 @@ class Settings(BaseModel):
             catalog_url=env.get("SKF_CATALOG_URL", f"sqlite:///{home / 'catalog.db'}"),
             storage_uri=env.get("SKF_STORAGE_URI", str(home / "store")),
             mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI", (home / "mlruns").as_uri()),
+            # MLflow's own variable, so fluent MLflow calls and this pipeline agree on the experiment.
+            mlflow_experiment_name=env.get("MLFLOW_EXPERIMENT_NAME", "").strip() or "skf",
             weights_uri=env.get("SKF_WEIGHTS_URI", str(home / "weights")),
             limits=Limits.from_env(env),
         )

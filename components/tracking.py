@@ -1,7 +1,9 @@
-"""MLflow tracking: the client on the configured tracking URI, the ``skf`` experiment and run look-ups.
+"""MLflow tracking: the client on the configured tracking URI, the pipeline's experiment and run look-ups.
 
 Every job that reads or writes runs (training, evaluation, registration) gets its client from
-:func:`mlflow_client`, which also makes the tracking URI and the ``skf`` experiment MLflow's current ones.
+:func:`mlflow_client`, which also makes the tracking URI and the experiment MLflow's current ones. The
+experiment is named by ``MLFLOW_EXPERIMENT_NAME`` (default ``skf``), resolved only by
+:func:`experiment_name` (from :class:`~components.settings.Settings`).
 """
 
 from __future__ import annotations
@@ -13,19 +15,25 @@ from typing import Any
 __all__ = [
     "CONFIG_HASH_TAG",
     "DATASET_KEYS",
-    "EXPERIMENT",
     "PROTOCOL_KEYS",
+    "experiment_name",
     "finished_run",
     "mlflow_client",
     "recorded_evaluation",
     "registration_of",
 ]
 
-EXPERIMENT = "skf"
 CONFIG_HASH_TAG = "skf.config_hash"
 #: Where a training run records the dataset version and the evaluation protocol (params or tags).
 DATASET_KEYS = ("dataset_version", "dataset.version", "data.version_ref")
 PROTOCOL_KEYS = ("eval/protocol", "protocol")
+
+
+def experiment_name() -> str:
+    """The MLflow experiment of the pipeline's runs: ``MLFLOW_EXPERIMENT_NAME``, default ``skf``."""
+    from components.settings import get_settings
+
+    return get_settings().mlflow_experiment_name
 
 
 def mlflow_client() -> Any:
@@ -37,21 +45,22 @@ def mlflow_client() -> Any:
 
     from components.settings import get_settings
 
-    uri = get_settings().mlflow_tracking_uri
+    settings = get_settings()
+    uri, experiment = settings.mlflow_tracking_uri, settings.mlflow_experiment_name
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(EXPERIMENT) is None:  # created quietly (set_experiment logs to stderr)
+    if client.get_experiment_by_name(experiment) is None:  # created quietly (set_experiment logs to stderr)
         with contextlib.suppress(MlflowException):  # a concurrent command created it first
-            client.create_experiment(EXPERIMENT)
+            client.create_experiment(experiment)
     # Fluent calls (Model.log inside registration) create logged models in the *active* experiment; on
     # the file store a model outside its run's experiment cannot be read back, so make ours the active one.
-    mlflow.set_experiment(EXPERIMENT)
+    mlflow.set_experiment(experiment)
     return client
 
 
 def finished_run(client: Any, config_hash: str) -> Any:
-    """The finished MLflow run tagged with ``config_hash`` in the ``skf`` experiment, or ``None``."""
-    exp = client.get_experiment_by_name(EXPERIMENT)
+    """The finished MLflow run tagged with ``config_hash`` in :func:`experiment_name`, or ``None``."""
+    exp = client.get_experiment_by_name(experiment_name())
     if exp is None:
         return None
     runs = client.search_runs(
@@ -84,14 +93,20 @@ def recorded_evaluation(run_id: str, metric_prefix: str) -> dict[str, Any]:
 
 
 def registration_of(run_id: str, name: str) -> dict[str, Any] | None:
-    """The model version already registered from ``run_id`` under ``name`` (with its decision), if any."""
+    """The model version already registered from ``run_id`` under ``name`` (with its decision), if any.
+
+    The version is re-read with ``get_model_version``: ``search_model_versions`` returns versions
+    without their aliases, which would report the ``challenger`` as not holding the alias.
+    """
     client = mlflow_client()
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    escaped = name.replace("'", "\\'")
+    versions = client.search_model_versions(f"name = '{escaped}' and run_id = '{run_id}'")
     if not versions:
         return None
-    mv = max(versions, key=lambda v: int(v.version))
+    newest = max(versions, key=lambda v: int(v.version))
+    mv = client.get_model_version(name, str(newest.version))
     tags = dict(mv.tags)
-    aliases = set(getattr(mv, "aliases", []) or [])
+    aliases = set(mv.aliases or [])
     decision = None
     if "skf.promotion.decision" in tags:
         decision = {

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
 from components.evaluation.job import evaluation_markdown, metric_table, run_evaluation
+from flows.states import done_or_skipped
 
 __all__ = ["evaluate_model", "evaluate_task"]
 
@@ -70,4 +71,6 @@ def evaluate_model(
         key=key + "-grid",
         description=f"input | output | reference, PSNR per image; {result.get('headline', '')}",
     )
-    return {k: v for k, v in result.items() if k != "markdown"}
+    summary = {k: v for k, v in result.items() if k != "markdown"}
+    reason = "already evaluated: the metrics recorded on the run" if result["status"] == "skipped" else None
+    return done_or_skipped(summary, reason)

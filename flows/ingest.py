@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.data.ingest import ingest, summary_markdown
 from components.errors import SKFError
+from flows.states import done_or_skipped
 
 # Bad input (wrong layout, missing source, nothing valid, corrupt bytes, an archive over the limits) is an
 # SKFError and fails the same way on every try; so do the ValueError/LookupError of a bad argument.
@@ -47,4 +48,5 @@ def ingest_dataset(source: str, name: str, layout: str = "auto") -> dict[str, An
         key=_artifact_key(name),
         description=f"Ingest summary for {summary['ref']}",
     )
-    return summary
+    unchanged = f"identical content is already {summary['ref']}" if not summary["created"] else None
+    return done_or_skipped(summary, unchanged)

@@ -5,6 +5,9 @@ Parameters are one typed model, :class:`~components.pipeline.params.SkfTrainPara
 fail without touching data -- component specs, layout, recipe and overrides, protocol, metric names -- runs
 while the parameters are validated, so a bad request fails before any stage starts.
 
+A ``preflight`` task then checks the services and inputs the run needs (storage, MLflow, the data source,
+the SKB checkpoint; :mod:`components.pipeline.preflight`), so a missing object fails before the download.
+
 Each stage is a subflow that skips work it has already done for the same inputs: ingest returns the
 existing version for identical content, precompute computes only missing priors, training reuses a finished
 run with the same config hash (and resumes an unfinished one from its checkpoint), evaluation is recorded on
@@ -34,6 +37,9 @@ from components.pipeline.params import (
 )
 from components.pipeline.summary import summary_markdown
 from components.training.plan import OFF
+from flows.logs import ship_project_logs
+
+ship_project_logs()  # the project's warnings reach the Prefect UI of every run these flows make
 
 __all__ = [
     "OFF",
@@ -111,59 +117,112 @@ def _artifact_key(prefix: str, name: str) -> str:
     return f"{prefix}-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "dataset")
 
 
-def _publish_summary(params: SkfTrainParams, stages: Mapping[str, Any], error: str | None = None) -> str:
-    markdown = summary_markdown(params, stages, error)
+def _publish_summary(
+    params: SkfTrainParams,
+    stages: Mapping[str, Any],
+    error: str | None = None,
+    *,
+    flow: str = "skf-train",
+    lead: str | None = None,
+) -> str:
+    markdown = summary_markdown(params, stages, error, flow=flow, lead=lead)
     create_markdown_artifact(
         markdown=markdown,
-        key=_artifact_key("skf-train", params.dataset.name),
-        description="skf-train summary" + (" (failed)" if error else ""),
+        key=_artifact_key(flow, params.dataset.name),
+        description=f"{flow} summary" + (" (failed)" if error else ""),
     )
     return markdown
+
+
+@task(name="preflight", retries=1, retry_delay_seconds=5)
+def check_services(params: SkfTrainParams) -> list[str]:
+    """Storage, MLflow, the data source and the SKB checkpoint exist and answer, before any work."""
+    from components.pipeline.preflight import preflight
+    from components.settings import get_settings
+
+    settings = get_settings()
+    report = preflight(
+        source=None if params.dataset.demo else params.dataset.source,
+        skb_checkpoint=params.plan().skb_checkpoint,
+        storage_uri=settings.storage_uri,
+        tracking_uri=settings.mlflow_tracking_uri,
+    )
+    logger = get_run_logger()
+    for line in report.checked:
+        logger.info("preflight: %s", line)
+    return list(report.checked)
+
+
+def _train_evaluate_register(params: SkfTrainParams, stages: dict[str, Any]) -> None:
+    """Priors, training, evaluation and registration on the version in ``stages["ingest"]``; each stage's
+    result is added to ``stages`` as it finishes (so a failure's summary shows how far it got)."""
+    from flows.evaluate import evaluate_model
+    from flows.precompute import precompute_priors_flow
+    from flows.train import train_model
+
+    training_plan = params.plan()  # made once, when the parameters were validated
+    version_ref = stages["ingest"]["ref"]
+    stages["priors"] = None
+    if training_plan.skb is not None and training_plan.recipe.skf.skb_mode == "cached":
+        stages["priors"] = precompute_priors_flow(
+            version_ref,
+            training_plan.skb,
+            checkpoint=training_plan.skb_checkpoint,
+            batch_size=params.precompute_batch_size,
+            splits=["train"],
+        )
+    stages["train"] = train_model(version_ref, training_plan, params.training.stop_after_step)
+    run_id = stages["train"]["run_id"]
+    evaluation = params.evaluation
+    stages["evaluate"] = evaluate_model(
+        run_id, version_ref, evaluation.protocol, list(evaluation.unpaired_refs)
+    )
+    stages["register"] = _register(params, run_id, version_ref, stages["evaluate"])
 
 
 # --------------------------------------------------------------------------------------------------
 # Flows
 # --------------------------------------------------------------------------------------------------
+def _train_run_name() -> str:
+    """``<preset or baseline>-<dataset>``: what a flow run trains, readable in the Prefect UI."""
+    from prefect.runtime import flow_run
+
+    raw = flow_run.parameters.get("params")
+    data = raw.model_dump(exclude_unset=True) if isinstance(raw, SkfTrainParams) else dict(raw or {})
+    try:
+        preset = load_preset(str(data["preset"])) if data.get("preset") else {}
+    except PresetError:
+        preset = {}
+    dataset = {**(preset.get("dataset") or {}), **(data.get("dataset") or {})}
+    what = data.get("preset") or data.get("baseline") or preset.get("baseline") or "skf"
+    return f"{what}-{dataset.get('name') or 'skf-demo'}"
+
+
+def _retrain_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"retrain-{flow_run.parameters.get('dataset_name', 'dataset')}"
+
+
 # Parameters are validated (and the training planned) by SkfTrainParams itself, once: Prefect's own
 # validation would rebuild a given model from its dump and plan it a second time.
-@flow(name="skf-train", validate_parameters=False)
+@flow(name="skf-train", validate_parameters=False, flow_run_name=_train_run_name)
 def skf_train(params: SkfTrainParams) -> dict[str, Any]:
     """Ingest, precompute priors, train, evaluate and register one model; see the module docstring.
 
-    Returns each stage's result (``ingest``, ``priors``, ``train``, ``evaluate``, ``register``) and
-    the summary markdown (also published as the ``skf-train-<dataset>`` artifact).
+    Returns each stage's result (``preflight``, ``ingest``, ``priors``, ``train``, ``evaluate``,
+    ``register``) and the summary markdown (also published as the ``skf-train-<dataset>`` artifact).
     """
     if not isinstance(params, SkfTrainParams):  # a deployment's JSON parameters
         params = SkfTrainParams.model_validate(params)
-    from flows.evaluate import evaluate_model
     from flows.ingest import ingest_dataset
-    from flows.precompute import precompute_priors_flow
-    from flows.train import train_model
 
-    training_plan = params.plan()  # made once, when the parameters were validated
     stages: dict[str, Any] = {}
     try:
+        stages["preflight"] = check_services(params)
         source = prepare_source(params.dataset.source, params.dataset.demo)
         stages["ingest"] = ingest_dataset(source, params.dataset.name, params.dataset.layout)
-        version_ref = stages["ingest"]["ref"]
-
-        stages["priors"] = None
-        if training_plan.skb is not None and training_plan.recipe.skf.skb_mode == "cached":
-            stages["priors"] = precompute_priors_flow(
-                version_ref,
-                training_plan.skb,
-                checkpoint=training_plan.skb_checkpoint,
-                batch_size=params.precompute_batch_size,
-                splits=["train"],
-            )
-
-        stages["train"] = train_model(version_ref, training_plan, params.training.stop_after_step)
-        run_id = stages["train"]["run_id"]
-        evaluation = params.evaluation
-        stages["evaluate"] = evaluate_model(
-            run_id, version_ref, evaluation.protocol, list(evaluation.unpaired_refs)
-        )
-        stages["register"] = _register(params, run_id, version_ref, stages["evaluate"])
+        _train_evaluate_register(params, stages)
     except BaseException as exc:
         _publish_summary(params, stages, error=f"{type(exc).__name__}: {exc}")
         raise
@@ -172,7 +231,7 @@ def skf_train(params: SkfTrainParams) -> dict[str, Any]:
     return {**stages, "summary": markdown}
 
 
-@flow(name="skf-retrain")
+@flow(name="skf-retrain", flow_run_name=_retrain_run_name)
 def skf_retrain(
     data_prefix: str,
     dataset_name: str,
@@ -180,10 +239,11 @@ def skf_retrain(
     preset: str | None = None,
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Ingest ``data_prefix`` as ``dataset_name``; only when that makes a new version, run ``skf-train``.
+    """Ingest ``data_prefix`` as ``dataset_name``; only when that makes a new version, train on it.
 
     ``preset``/``params`` configure the training exactly as for ``skf-train`` (the dataset fields are
-    set from ``data_prefix``, ``dataset_name`` and ``layout``). Unchanged data ends with "nothing new".
+    set from ``data_prefix``, ``dataset_name`` and ``layout``). The data is ingested once: the training
+    stages run on the version this flow ingested. Unchanged data ends with "nothing new".
     """
     from flows.ingest import ingest_dataset
 
@@ -191,7 +251,8 @@ def skf_retrain(
         {"preset": preset, **(params or {})},
         dataset={"source": data_prefix, "name": dataset_name, "layout": layout, "demo": False},
     )
-    ingested = ingest_dataset(data_prefix, dataset_name, layout)
+    stages: dict[str, Any] = {"preflight": check_services(full)}
+    stages["ingest"] = ingested = ingest_dataset(data_prefix, dataset_name, layout)
     key = _artifact_key("skf-retrain", dataset_name)
     if not ingested["created"]:
         create_markdown_artifact(
@@ -203,15 +264,17 @@ def skf_retrain(
         get_run_logger().info("nothing new under %s (still %s)", data_prefix, ingested["ref"])
         return {"status": "nothing new", "dataset_version": ingested["ref"]}
     changes = ", ".join(f"{len(v)} {k}" for k, v in ingested["changes"].items() if v) or "first version"
-    result = skf_train(full)
-    create_markdown_artifact(
-        markdown=f"# skf-retrain: new version `{ingested['ref']}` ({changes})\n\n" + result["summary"],
-        key=key,
-        description="skf-retrain summary",
-    )
+    lead = f"New version `{ingested['ref']}` of `{data_prefix}` ({changes})"
+    try:
+        _train_evaluate_register(full, stages)
+    except BaseException as exc:
+        _publish_summary(full, stages, error=f"{type(exc).__name__}: {exc}", flow="skf-retrain", lead=lead)
+        raise
+    markdown = _publish_summary(full, stages, flow="skf-retrain", lead=lead)
     return {
         "status": "retrained",
         "dataset_version": ingested["ref"],
         "changes": ingested["changes"],
-        **result,
+        **stages,
+        "summary": markdown,
     }

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from components import registry
 from components.precompute import DEFAULT_SKB, DEFAULT_SPLITS, PrecomputeSummary, precompute_priors
+from flows.states import done_or_skipped
 
 # Bad parameters (unknown dataset or SKB, bad checkpoint hash) fail the same way on every try; the
 # dataset/component lookup errors are LookupErrors.
@@ -100,4 +101,5 @@ def precompute_priors_flow(
             f"priors failed for {summary.failed} of {summary.total} images of {summary.version_ref} "
             f"(first: {next(iter(summary.errors.items()))}); see the artifact, fix and rerun"
         )
-    return summary.as_dict()
+    nothing_new = summary.computed == 0 and summary.failed == 0
+    return done_or_skipped(summary.as_dict(), f"all {summary.cached} priors cached" if nothing_new else None)

@@ -3,7 +3,7 @@
 - planning (request -> plan, before any work): :mod:`components.training.plan`
 - the job (config hash, catalog row and lease, MLflow run, training, enhancer package):
   :func:`components.training.job.run_training`
-- here: the ``train`` task (tag ``gpu``, under the ``gpu`` concurrency limit) and the markdown artifact.
+- here: the ``train`` task (tag ``gpu``) and the markdown artifact.
 """
 
 from __future__ import annotations
@@ -15,30 +15,14 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.training.job import progress_every_tenth, run_training, train_markdown
 from components.training.plan import TrainingPlan, TrainingRequest, plan
+from flows.states import done_or_skipped
 
-__all__ = ["GPU_TAG", "ensure_gpu_limit", "train_model", "train_task"]
+__all__ = ["GPU_TAG", "train_model", "train_task"]
 
+#: A label on the tasks that use the accelerator (train, evaluate, precompute), for filtering runs. It
+#: carries no concurrency limit: GPU slots are per host, the ``--limit`` of the worker on that host
+#: (``infra/compose.yaml``), so N GPU hosts run N jobs and the CPU demo's pool holds none of them.
 GPU_TAG = "gpu"
-
-
-def ensure_gpu_limit(limit: int = 1) -> None:
-    """Create the tag concurrency limit ``gpu`` (= ``prefect concurrency-limit create gpu 1``) if missing.
-
-    Best effort: an API without tag limits, or a race with another flow creating it, only logs.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    logger = get_run_logger()
-    try:
-        with get_client(sync_client=True) as client:
-            try:
-                client.read_concurrency_limit_by_tag(GPU_TAG)
-            except ObjectNotFound:
-                client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=limit)
-                logger.info("created the '%s' task concurrency limit (%d)", GPU_TAG, limit)
-    except Exception as exc:  # an older/foreign API: the limit is an optimisation, not a requirement
-        logger.warning("could not ensure the '%s' concurrency limit: %s", GPU_TAG, exc)
 
 
 @task(name="train", tags=[GPU_TAG])
@@ -69,11 +53,13 @@ def train_model(
     """
     if isinstance(training_plan, TrainingRequest):
         training_plan = plan(training_plan)  # bad parameters fail here, before any work
-    ensure_gpu_limit()
     outcome = train_task(version_ref, training_plan, stop_after_step)
     create_markdown_artifact(
         markdown=train_markdown(outcome, training_plan),
         key="train-" + outcome["config_hash"][:16],
         description=f"Training of {training_plan.recipe.name} on {outcome['dataset_version']}",
     )
-    return outcome
+    reason = None
+    if outcome["status"] == "skipped":
+        reason = f"finished run {outcome['run_id']} has this configuration ({outcome['config_hash'][:12]})"
+    return done_or_skipped(outcome, reason)

@@ -2,7 +2,7 @@
 
 - the job (config hash, MLflow run in ``skf-segmenter``, safetensors + JSON package, registration):
   :func:`components.segmenter.job.run_segmenter_training`
-- here: the ``train-segmenter`` task (tag ``gpu``, under the ``gpu`` concurrency limit; one retry for
+- here: the ``train-segmenter`` task (tag ``gpu``, per-host slots as in :mod:`flows.train`; one retry for
   transient failures) and the markdown artifact with the metrics.
 """
 
@@ -23,7 +23,7 @@ from components.segmenter.job import (
 )
 from components.segmenter.training import SegmenterConfig
 from components.training.job import progress_every_tenth
-from flows.train import GPU_TAG, ensure_gpu_limit
+from flows.train import GPU_TAG
 
 __all__ = ["train_segmenter_task", "train_skb"]
 
@@ -76,7 +76,6 @@ def train_skb(
     ``--checkpoint`` / ``skb_checkpoint``) and the metrics.
     """
     config = make_config(overrides, steps=steps)
-    ensure_gpu_limit()
     outcome = train_segmenter_task(version_ref, config, device, model_name, register_model)
     create_markdown_artifact(
         markdown=segmenter_markdown(outcome),

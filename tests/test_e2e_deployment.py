@@ -8,97 +8,24 @@ checkpoint. Worker (SIGINT) and server (SIGTERM) are stopped by PID whatever hap
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from tests.pipeline_fixtures import make_tiny_dataset, tiny_params
+from tests.prefect_stack import BIN, REPO, Stack, prefect_server, start_worker, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-RUN_TIMEOUT_S = 420
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int, timeout: float = 30) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-class Stack:
-    """Environment and helpers around the running server."""
-
-    def __init__(self, env: dict[str, str], api: str, logs: Path) -> None:
-        self.env, self.api, self.logs = env, api, logs
-
-    def cli(self, *args: str, timeout: float = 180) -> str:
-        done = subprocess.run(
-            [str(BIN / "prefect"), *args],
-            cwd=REPO,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-        return done.stdout + done.stderr
-
-    def run_deployment(self, params: dict[str, Any]) -> str:
-        out = self.cli("deployment", "run", "skf-train/demo", "--params", json.dumps({"params": params}))
-        match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
-        assert match, out
-        return match.group(1)
-
-    def wait(self, flow_run_id: str, timeout: float = RUN_TIMEOUT_S) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            state = httpx.get(f"{self.api}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                return state
-            time.sleep(2)
-        raise AssertionError(f"flow run {flow_run_id} not finished after {timeout}s; logs in {self.logs}")
-
-    def summary(self, flow_run_id: str) -> str:
-        """The skf-train summary markdown published by that flow run."""
-        body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "type": {"any_": ["markdown"]}}}
-        artifacts = httpx.post(f"{self.api}/artifacts/filter", json=body, timeout=10).json()
-        texts = [a["data"] for a in artifacts if (a.get("key") or "").startswith("skf-train-")]
-        assert texts, f"no skf-train summary artifact for {flow_run_id}"
-        return texts[0]
 
 
 @pytest.fixture()
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_LOGGING_LEVEL": "INFO",
@@ -111,40 +38,14 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         env.pop(var, None)
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs: list[tuple[subprocess.Popen[bytes], int]] = []
-    try:
-        server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=(logs / "server.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        procs.append((server, signal.SIGTERM))
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (logs / "server.log").read_text()
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "Prefect server not healthy after 180 s"
-            time.sleep(1)
-        s = Stack(env, api, logs)
+    with prefect_server(env, logs) as s:
         s.cli("work-pool", "create", "cpu", "--type", "process")
         s.cli("--no-prompt", "deploy", "--name", "demo")
-        worker = subprocess.Popen(
-            [str(BIN / "prefect"), "worker", "start", "--pool", "cpu"],
-            cwd=REPO,
-            env=env,
-            stdout=(logs / "worker.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        procs.append((worker, signal.SIGINT))
-        yield s
-    finally:
-        for proc, sig in reversed(procs):
-            _stop(proc, sig)
+        worker = start_worker(s, "cpu", "worker", {})
+        try:
+            yield s
+        finally:
+            stop(worker, signal.SIGINT)
 
 
 def test_demo_deployment_runs_skips_and_resumes(

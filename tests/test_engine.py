@@ -209,8 +209,10 @@ def test_mlflow_logger_records_params_metrics_and_artifacts(tmp_path: Path, monk
     assert run.data.params["baseline"] == "baseline/toy@1" and run.data.params["trainer.iterations"] == "4"
     assert [m.step for m in client.get_metric_history(logger.run_id, "train/loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(logger.run_id, "val/mse")] == [2, 4]
-    samples = {a.path for a in client.list_artifacts(logger.run_id, "samples")}
-    assert samples == {"samples/step-00000002.png", "samples/step-00000004.png"}
+    # MLflow's keyed images: one "samples" sequence over the validation steps
+    images = [a.path for a in client.list_artifacts(logger.run_id, "images")]
+    steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png"))
+    assert all(p.startswith("images/samples+step+") for p in images) and steps == [2, 4], images
     assert [a.path for a in client.list_artifacts(logger.run_id, "checkpoints")] == ["checkpoints/latest.pt"]
 
 

@@ -655,3 +655,138 @@ def test_prefect_accepts_the_work_pool(prefect_harness: None, template: dict[str
     pool = asyncio.run(read())
     assert pool.type == "kubernetes"
     assert pool.base_job_template == template
+
+
+# ----------------------------------------------------------------------------- README commands and examples
+
+README = INFRA / "README.md"
+PREFECT_YAML = REPO / "prefect.yaml"
+
+
+def shell_blocks(markdown: str) -> list[str]:
+    """The bodies of the ```bash / ```sh fenced blocks of ``markdown``."""
+    return re.findall(r"^```(?:bash|sh|shell)\n(.*?)^```", markdown, flags=re.M | re.S)
+
+
+def prefect_yaml_header() -> str:
+    """prefect.yaml's leading comment, ``#`` prefixes removed."""
+    lines = []
+    for line in PREFECT_YAML.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:])
+    return "\n".join(lines)
+
+
+def deployment_run_commands(text: str) -> list[list[str]]:
+    """Each ``prefect deployment run ...`` in ``text`` as argv: a single quote or a trailing backslash
+    continues it on the next line, an inline-code backtick before it ends it at the closing backtick."""
+    lines, commands, i = text.splitlines(), [], 0
+    while i < len(lines):
+        start = lines[i].find("prefect deployment run")
+        if start < 0:
+            i += 1
+            continue
+        command = lines[i][start:]
+        if lines[i][start - 1 : start] == "`":
+            command = command.split("`")[0]
+        while command.count("'") % 2 or command.rstrip().endswith("\\"):
+            i += 1
+            command = command.rstrip().removesuffix("\\") + "\n" + lines[i]
+        commands.append(shlex.split(command, comments=True))
+        i += 1
+    return commands
+
+
+def run_parameters(argv: list[str]) -> dict[str, Any]:
+    """The flow parameters ``prefect deployment run`` sends: ``--params`` JSON, then each ``--param k=v``
+    (the value JSON if it parses, else a string), as Prefect's CLI reads them."""
+    parameters: dict[str, Any] = {}
+    singles: list[str] = []
+    args = iter(argv[4:])
+    for arg in args:
+        option, eq, value = arg.partition("=")
+        if option == "--params":
+            parameters.update(json.loads(value if eq else next(args)))
+        elif option in ("--param", "-p"):
+            singles.append(value if eq else next(args))
+    for single in singles:
+        key, _, raw = single.partition("=")
+        try:
+            parameters[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            parameters[key] = raw
+    return parameters
+
+
+def _leaves(mapping: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key, value in mapping.items():
+        out |= _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return out
+
+
+def test_deployment_run_command_parsing() -> None:
+    """The extractor on the shapes the docs use: it must see every example, quotes across lines included."""
+    text = (
+        "x `prefect deployment run a/b`. `skf serve` y\n"
+        '  prefect deployment run a/c --watch --params \'{"params": {"preset": "demo",\n'
+        '    "training": {"recipe": "demo"}}}\'   # comment\n'
+        "prefect deployment run a/d --param params='{\"x\": 1}' -p n=two \\\n  --watch\n"
+    )
+    commands = deployment_run_commands(text)
+    assert [c[3] for c in commands] == ["a/b", "a/c", "a/d"]
+    assert run_parameters(commands[1]) == {"params": {"preset": "demo", "training": {"recipe": "demo"}}}
+    assert run_parameters(commands[2]) == {"params": {"x": 1}, "n": "two"}
+
+
+def test_deployment_run_examples_are_valid_parameters() -> None:
+    """Every ``prefect deployment run`` in infra/README.md and prefect.yaml's header: an existing
+    deployment, only parameters its flow takes, and ``params`` valid for ``SkfTrainParams`` (as the flow
+    validates it), restating the deployment's own fields since a run's ``params`` replaces them."""
+    import inspect
+
+    from components.pipeline.params import SkfTrainParams
+    from flows.pipeline import skf_retrain, skf_train
+
+    flows = {f.name: f for f in (skf_train, skf_retrain)}
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    deployments = {}
+    for entry in spec["deployments"]:
+        flow = flows[
+            {"skf_train": "skf-train", "skf_retrain": "skf-retrain"}[entry["entrypoint"].split(":")[1]]
+        ]
+        deployments[f"{flow.name}/{entry['name']}"] = (flow, entry.get("parameters") or {})
+
+    sources = {"infra/README.md": README.read_text(), "prefect.yaml": prefect_yaml_header()}
+    with_params = dict.fromkeys(sources, 0)
+    for where, text in sources.items():
+        for argv in deployment_run_commands(text):
+            target = argv[3]
+            flow_name, _, deployment = target.partition("/")
+            parameters = run_parameters(argv)
+            if deployment.startswith("<"):  # skf-train/<name>: a placeholder
+                assert flow_name in flows and not parameters, (where, argv)
+                continue
+            assert target in deployments, f"{where}: no deployment {target} in prefect.yaml"
+            flow, defaults = deployments[target]
+            accepted = set(inspect.signature(flow.fn).parameters)
+            assert set(parameters) <= accepted, f"{where}: {target} takes only {sorted(accepted)}: {argv}"
+            if "params" in parameters and flow is skf_train:
+                with_params[where] += 1
+                SkfTrainParams.model_validate(parameters["params"])
+                missing = _leaves(defaults["params"]) - _leaves(parameters["params"])
+                assert not missing, f"{where}: {target} --params drops the deployment's {sorted(missing)}"
+    assert with_params == {"infra/README.md": 2, "prefect.yaml": 1}
+
+
+def test_every_readme_shell_block_needs_the_stack_or_names_its_test() -> None:
+    """Each shell block is marked ``# needs:`` Docker or Kubernetes, and each test it names exists."""
+    text = README.read_text()
+    blocks = shell_blocks(text)
+    assert len(blocks) >= 8
+    for block in blocks:
+        first = block.splitlines()[0]
+        assert re.match(r"# needs: (Docker|Kubernetes)\b", first), f"unmarked block in {README}: {first!r}"
+    for path, name in re.findall(r"(tests/\w+\.py)::(\w+)", text):
+        assert re.search(rf"^def {name}\(", (REPO / path).read_text(), flags=re.M), f"{path}::{name}"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from serving_fixtures import make_enhancer, random_skb_checkpoint, start_mlflow_
 from components import model_registry as mr
 from components.model_registry import Candidate, Guard, PromotionPolicy, decide
 from components.serving import load_enhancer
+from components.tracking import registration_of
 
 pytestmark = pytest.mark.e2e
 
@@ -133,6 +136,81 @@ def test_drbn_round_trip_through_the_server(server: str, skb_checkpoint: Path) -
     with torch.no_grad():
         assert torch.allclose(loaded(x), drbn(x), atol=1e-6)
     assert version_tags(name, reg.version)["skf.enhancer.baseline"] == "baseline/drbn@1"
+
+
+# --------------------------------------------------------------------------------------------------
+# What the registry shows its users
+# --------------------------------------------------------------------------------------------------
+def test_registration_reports_the_version_holding_the_challenger_alias(server: str, pretrained_snr) -> None:
+    """``search_model_versions`` returns versions without aliases; the rerun summary must not say
+    "not challenger" for the alias holder."""
+    name = f"skf-alias-{uuid.uuid4().hex[:6]}"
+    first = register(pretrained_snr, name, psnr=20.0)
+    second = register(pretrained_snr, name, psnr=21.0)
+    assert mr._alias_version(MlflowClient(), name, mr.CHALLENGER) == second.version
+
+    found = registration_of(second.run_id, name)
+    assert found is not None and found["version"] == second.version and found["challenger"] is True
+    older = registration_of(first.run_id, name)
+    assert older is not None and older["version"] == first.version and older["challenger"] is False
+    assert registration_of(new_run(), name) is None
+
+
+def test_registered_model_and_version_carry_descriptions(server: str, pretrained_snr) -> None:
+    name = f"skf-described-{uuid.uuid4().hex[:6]}"
+    reg = register(pretrained_snr, name, psnr=21.25, ssim=0.8, dataset="lol-v2@7")
+    client = MlflowClient()
+    model = client.get_registered_model(name).description
+    assert "baseline/snr-net@1" in model and "skb/hrnet-w48-lite@1" in model and "pretrained" in model
+    version = client.get_model_version(name, reg.version).description
+    for part in (
+        "baseline/snr-net@1",
+        "skb/hrnet-w48-lite@1",
+        "lol-v2@7",
+        "protocol paper",
+        "test/psnr=21.2500",
+    ):
+        assert part in version, (part, version)
+    assert "test/ssim=0.8000" in version
+
+
+#: What MLflow says when a pyfunc is logged without a signature, input example or ``predict`` type hints.
+_MISSING_INFO = (
+    "Add type hints to the `predict` method",
+    "An input example was not provided",
+    "Model logged without a signature",
+    "Failed to infer model signature",
+    "Type hint used in the model's predict function is not supported",
+    "does not match the signature inferred",
+    "Failed to validate serving input example",
+)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_registration_emits_no_missing_signature_example_or_type_hint_warnings(
+    server: str, pretrained_snr
+) -> None:
+    handler = _Records()
+    mlflow_log = logging.getLogger("mlflow")  # does not propagate to the root logger (caplog)
+    mlflow_log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reg = register(pretrained_snr, f"skf-quiet-{uuid.uuid4().hex[:6]}", psnr=20.0, bundle_code=True)
+    finally:
+        mlflow_log.removeHandler(handler)
+    said = [str(w.message) for w in caught] + handler.messages
+    assert [m for m in said if any(p in m for p in _MISSING_INFO)] == []
+    model = mlflow.models.get_model_info(reg.version_uri)
+    assert model.signature is not None and model.saved_input_example_info is not None
 
 
 # --------------------------------------------------------------------------------------------------

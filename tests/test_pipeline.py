@@ -227,6 +227,21 @@ def _assert_results_are_visible(result: dict[str, Any]) -> None:
     )
 
 
+def _skipped_stage_runs() -> dict[str, tuple[str, str]]:
+    """Flow runs that ended in a ``Skipped`` state: id -> (flow name, the state's message)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Skipped"]))
+            )
+        )
+        names = {run.flow_id: client.read_flow(run.flow_id).name for run in runs}
+        return {str(run.id): (names[run.flow_id], run.state.message) for run in runs}
+
+
 @pytest.mark.slow
 def test_rerun_skips_every_stage(
     prefect_harness: None, skf_home: Path, tiny_dataset: Path, work: WorkCounter
@@ -248,14 +263,30 @@ def test_rerun_skips_every_stage(
     _assert_results_are_visible(first)
 
     work.reset()
+    before_second = _skipped_stage_runs()
     second = skf_train(params=params)
     assert work == WorkCounter()  # no SKB forward pass, no training step, no registration
+    # the UI shows each stage as Skipped, with the reason, not as a "Completed" that implies work
+    skipped = {k: v for k, v in _skipped_stage_runs().items() if k not in before_second}
+    assert sorted(name for name, _ in skipped.values()) == [
+        "evaluate-model",
+        "ingest-dataset",
+        "precompute-priors",
+        "train-model",
+    ]
+    reasons = dict(skipped.values())
+    assert reasons["ingest-dataset"] == "identical content is already tiny@1"
+    assert reasons["precompute-priors"] == "all 12 priors cached"
+    assert reasons["train-model"].startswith(
+        f"finished run {first['train']['run_id']} has this configuration"
+    )
     assert not second["ingest"]["created"] and second["ingest"]["ref"] == "tiny@1"
     assert (second["priors"]["computed"], second["priors"]["cached"]) == (0, 12)
     assert second["train"]["status"] == "skipped" and second["train"]["run_id"] == first["train"]["run_id"]
     assert second["evaluate"]["status"] == "skipped"
     assert second["evaluate"]["metrics"] == first["evaluate"]["metrics"]
     assert second["register"]["version"] == first["register"]["version"] == "1"
+    assert second["register"]["challenger"]  # read from the version itself: search results lack aliases
     assert "Training**: skipped" in second["summary"]
 
     client = MlflowClient(get_settings().mlflow_tracking_uri)
@@ -292,17 +323,35 @@ def test_rerun_after_a_training_failure_resumes_from_the_checkpoint(
 
 @pytest.mark.slow
 def test_nightly_retrains_only_when_new_images_arrive(
-    prefect_harness: None, skf_home: Path, tiny_copy: Path, work: WorkCounter
+    prefect_harness: None,
+    skf_home: Path,
+    tiny_copy: Path,
+    work: WorkCounter,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import shutil
 
+    import flows.ingest
     from flows.pipeline import skf_retrain
 
+    ingested: list[str] = []
+    real_ingest = flows.ingest.ingest
+
+    def counted_ingest(source: str, **kwargs: Any) -> Any:
+        ingested.append(source)
+        return real_ingest(source, **kwargs)
+
+    monkeypatch.setattr(flows.ingest, "ingest", counted_ingest)
     config = tiny_params(tiny_copy)
     params = {k: v for k, v in config.items() if k not in ("preset", "dataset")}
     first = skf_retrain(str(tiny_copy), "nightly", layout="lol", preset="demo", params=params)
     assert first["status"] == "retrained" and first["dataset_version"] == "nightly@1"
     assert first["register"]["name"] == "tiny-model"
+    assert ingested == [str(tiny_copy)]  # read and hashed once, trained on that version
+    # the summary describes this run: the new version it made, not the preset's demo description
+    assert first["summary"].startswith("# skf-retrain: done\n\nNew version `nightly@1`")
+    assert "Demo on generated data" not in first["summary"]
+    assert "unchanged" not in first["summary"] and "**Ingest**: `nightly@1` created" in first["summary"]
 
     work.reset()
     again = skf_retrain(str(tiny_copy), "nightly", layout="lol", preset="demo", params=params)

@@ -35,7 +35,7 @@ from components.serving import (
     tile_spans,
     write_image,
 )
-from components.tracking import EXPERIMENT
+from components.tracking import experiment_name
 from flows.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +115,9 @@ def store(tmp_path_factory: pytest.TempPathFactory, snr) -> dict[str, str]:
     try:
         client = MlflowClient(uri)
         experiment = client.create_experiment("hardening", artifact_location=(root / "artifacts").as_uri())
-        client.create_experiment(EXPERIMENT)  # what `skf evaluate` uses; created now so it logs nothing later
+        client.create_experiment(
+            experiment_name()
+        )  # what `skf evaluate` uses; created now so it logs nothing later
         run_id = client.create_run(experiment).info.run_id
         name = f"skf-hard-{uuid.uuid4().hex[:6]}"
         reg = mr.log_enhancer(
@@ -404,7 +406,7 @@ def evaluated_run(skf_home: Path, weights_dirs: dict[str, Path], tiny_source: Pa
 
     ingest(str(tiny_source), name="tiny", layout="lol")
     client = mlflow_client()
-    run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
+    run_id = client.create_run(client.get_experiment_by_name(experiment_name()).experiment_id).info.run_id
     mr.log_enhancer_package(make_enhancer("baseline/snr-net@1"), run_id)
     try:
         yield run_id

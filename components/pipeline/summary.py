@@ -74,18 +74,42 @@ def _result_lines(stages: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def summary_markdown(params: SkfTrainParams, stages: Mapping[str, Any], error: str | None = None) -> str:
-    """What one ``skf-train`` run did: per-stage outcome, metrics, promotion decision and where to look."""
+def _where_to_look(stages: Mapping[str, Any]) -> list[str]:
+    """Links to the run and the model on a tracking server; the ``mlflow ui`` command for a local store."""
     from components.settings import get_settings
 
+    uri = get_settings().mlflow_tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return [f"MLflow UI: `mlflow ui --backend-store-uri {uri}`"]
+    base = uri.rstrip("/")
+    lines = []
+    if stages.get("train"):
+        lines.append(f"MLflow run: {base}/#/runs/{stages['train']['run_id']}  ")
+    reg = stages.get("register")
+    if reg:
+        lines.append(f"MLflow model: {base}/#/models/{reg['name']}/versions/{reg['version']}  ")
+    return lines or [f"MLflow: {base}"]
+
+
+def summary_markdown(
+    params: SkfTrainParams,
+    stages: Mapping[str, Any],
+    error: str | None = None,
+    *,
+    flow: str = "skf-train",
+    lead: str | None = None,
+) -> str:
+    """What one ``flow`` run did: per-stage outcome, metrics, promotion decision and where to look.
+
+    ``lead`` replaces the preset line (``skf-retrain`` says which new data version it trained on)."""
     lines = [
-        f"# skf-train: {'failed' if error else 'done'}",
+        f"# {flow}: {'failed' if error else 'done'}",
         "",
-        f"Preset `{params.preset or '-'}`; {params.description}".rstrip("; "),
+        lead or f"Preset `{params.preset or '-'}`; {params.description}".rstrip("; "),
         *_stage_lines(stages),
         *_result_lines(stages),
         "",
-        f"MLflow UI: `mlflow ui --backend-store-uri {get_settings().mlflow_tracking_uri}`",
+        *_where_to_look(stages),
     ]
     if error:
         lines += ["", f"**Failed**: {error}", "", "Rerun with the same parameters to resume from this point."]

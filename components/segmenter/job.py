@@ -135,8 +135,12 @@ def _finished_run(client: Any, experiment_id: str, digest: str) -> Any:
 
 
 def _registered(client: Any, name: str, run_id: str) -> Any:
+    """The newest version of ``name`` made from ``run_id``, re-read so it carries its aliases (search
+    results come without them)."""
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    return max(versions, key=lambda v: int(v.version)) if versions else None
+    if not versions:
+        return None
+    return client.get_model_version(name, str(max(int(v.version) for v in versions)))
 
 
 def _register(client: Any, run: Any, name: str, metrics: Mapping[str, float]) -> tuple[str, bool]:

@@ -110,6 +110,14 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         return self.latest_path if self.latest_path.is_file() else None
 
+    def repoint_latest(self) -> Path | None:
+        """Point ``latest.pt`` at the newest snapshot on disk (after snapshots arrived from elsewhere)."""
+        steps = self.steps()
+        if not steps:
+            return None
+        _atomic_link_or_copy(self.directory / step_filename(steps[-1]), self.latest_path)
+        return self.latest_path
+
     def _candidates(self) -> list[Path]:
         """``latest.pt``, then the snapshots newest first, each file once (``latest.pt`` is a hard link)."""
         paths = [self.latest_path] if self.latest_path.is_file() else []

@@ -270,13 +270,20 @@ class Trainer:
         run_dir: str | Path,
         logger: RunLogger | None = None,
         progress: Callable[[Progress], None] | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
     ) -> None:
+        """``on_checkpoint`` receives each checkpoint file once it is written (rank 0), e.g. to copy it
+        where another host can resume from it."""
         self.routine = routine
         self.config = config
         self.run_dir = Path(run_dir)
         self.logger: RunLogger = logger or NullLogger()
         self.progress = progress
+        self.on_checkpoint = on_checkpoint
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=config.keep_last)
+        # Metrics and sample images wait for the next checkpoint before they are logged: a run resumed from
+        # that checkpoint then never logs a step twice (its steps after the checkpoint were never logged).
+        self._uncommitted: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ public API
     def fit(
@@ -420,8 +427,10 @@ class Trainer:
                     scheduler.step()
                 if info.is_main and pos.step % cfg.log_every == 0:
                     lrs = {f"lr/{n}": float(o.param_groups[0]["lr"]) for n, o in self.optimizers.items()}
-                    self.logger.log_metrics(
-                        {**{f"train/{k}": v for k, v in train_metrics.items()}, **lrs}, pos.step
+                    self._defer(
+                        self.logger.log_metrics,
+                        {**{f"train/{k}": v for k, v in train_metrics.items()}, **lrs},
+                        pos.step,
                     )
                 # Validate before checkpointing: a checkpoint at step N promises that step N's metrics are
                 # logged, so a crash in between resumes from the previous checkpoint and validates N again.
@@ -488,12 +497,21 @@ class Trainer:
         if batches == 0:
             raise ValueError("validation loader is empty: carve at least one batch from the training set")
         metrics = {f"val/{k}": v / batches for k, v in totals.items()}
-        self.logger.log_metrics(metrics, step)
+        self._defer(self.logger.log_metrics, metrics, step)
         if grid is not None:
-            self.logger.log_image(
-                grid.detach().float().clamp(0, 1).cpu(), f"samples/step-{step:08d}.png", step
-            )
+            image = grid.detach().float().clamp(0, 1).cpu()
+            self._defer(self.logger.log_image, image, f"samples/step-{step:08d}.png", step)
         return metrics
+
+    def _defer(self, log: Callable[..., None], *args: Any) -> None:
+        """Log at the next checkpoint (see ``__init__``)."""
+        self._uncommitted.append(lambda: log(*args))
+
+    def _commit(self) -> None:
+        """Log what waited for the checkpoint just written."""
+        pending, self._uncommitted = self._uncommitted, []
+        for log in pending:
+            log()
 
     @contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -538,7 +556,10 @@ class Trainer:
             "config": self.config.model_dump(mode="json"),
             "metrics": {"train": dict(pos.train_metrics), "val": dict(pos.val_metrics)},
         }
-        self.checkpoints.save(state, pos.step)
+        path = self.checkpoints.save(state, pos.step)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path)
+        self._commit()
 
     def _resume_source(self, resume: bool | str | Path) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint to resume from and its state: the newest intact one of ``run_dir`` for ``True``."""

@@ -27,7 +27,7 @@ from typing import Any
 
 from components import registry
 from components.errors import SKFError, UserInputError
-from components.tracking import CONFIG_HASH_TAG, EXPERIMENT, finished_run, mlflow_client
+from components.tracking import CONFIG_HASH_TAG, finished_run, mlflow_client
 from components.training.plan import OFF, TrainingPlan
 
 __all__ = [
@@ -326,14 +326,20 @@ def _open_logger(job: _Job) -> Any:
     }
     return MlflowLogger(
         get_settings().mlflow_tracking_uri,
-        EXPERIMENT,
         run_id=job.previous_run,
         run_name=f"{job.plan.recipe.name}-{job.version.ref}-{job.digest[:8]}",
         tags=None if job.previous_run else tags,  # a continued run already carries them
+        dataset=job.version,
     )
 
 
-def _fit(job: _Job, logger: Any, run_dir: Path, on_progress: Callable[[Any], None]) -> Any:
+def _fit(
+    job: _Job,
+    logger: Any,
+    run_dir: Path,
+    on_progress: Callable[[Any], None],
+    on_checkpoint: Callable[[Path], None],
+) -> Any:
     """Priors, datasets, the training loop and the enhancer package: everything that may fail."""
     from components.prior_cache import PriorCache
     from components.settings import get_settings
@@ -359,6 +365,7 @@ def _fit(job: _Job, logger: Any, run_dir: Path, on_progress: Callable[[Any], Non
         progress=on_progress,
         resume=True,
         params={"dataset.version": version.ref, "dataset.manifest": version.manifest_sha256},
+        on_checkpoint=on_checkpoint,
         device=plan.device,
     )
     if fit.checkpoint is None:
@@ -378,9 +385,15 @@ def _train_leased(
     """Train while holding the run's lease; the row and the MLflow run end finished or failed, never running."""
     from components.catalog.leases import LeaseLostError, release_lease, update_leased
     from components.settings import get_settings
+    from components.storage import open_storage
+    from components.training.run_mirror import RunMirror, run_key
     from components.training.stages import has_checkpoint
 
-    run_dir = get_settings().home / "runs" / job.digest[:16]
+    settings = get_settings()
+    run_dir = settings.home / "runs" / job.digest[:16]
+    mirror = RunMirror(open_storage(settings.storage_uri), run_dir, run_key(job.digest))
+    if job.previous_run:  # an unfinished run: its checkpoints may come from another host
+        mirror.pull()
     resuming = bool(job.previous_run) and has_checkpoint(run_dir)
     logger = None
     try:
@@ -401,7 +414,7 @@ def _train_leased(
             if stop_after_step is not None and p.step >= stop_after_step:
                 raise TrainingInterrupted(f"stopped after step {p.step} (stop_after_step={stop_after_step})")
 
-        fit = _fit(job, logger, run_dir, on_progress)
+        fit = _fit(job, logger, run_dir, on_progress, mirror.push)
         checkpoint_uri = f"{job.client.get_run(logger.run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
         release_lease(
             job.catalog,
@@ -441,7 +454,9 @@ def run_training(
 ) -> TrainOutcome:
     """Train ``plan`` on ``version_ref`` unless a finished run with the same config hash exists.
 
-    Resumes an unfinished run of the same hash from ``$SKF_HOME/runs/<hash[:16]>/checkpoints``. While
+    Resumes an unfinished run of the same hash, into its MLflow run, from the newest intact checkpoint in
+    ``$SKF_HOME/runs/<hash[:16]>`` or in ``runs/<hash[:16]>`` of the storage URI, where every checkpoint
+    is copied as it is written (:mod:`components.training.run_mirror`): any host can resume it. While
     another process holds the run's lease (it is training the same configuration), this one waits and
     then returns that run's result (status ``joined``), or takes the run over if that process dies.
     ``stop_after_step`` raises :class:`TrainingInterrupted` once that step is done (checkpoint it by

@@ -2,24 +2,38 @@
 
 Talks to the tracking server through an explicit ``MlflowClient`` and run id instead of MLflow's
 global "active run", so several trainings (or a Prefect task next to a flow) never log into each
-other's runs. Resuming a training passes the previous ``run_id`` to continue the same run.
+other's runs. Resuming a training passes the previous ``run_id`` to continue the same run. The dataset
+version trained on is logged as an MLflow dataset input (:meth:`MlflowLogger.log_dataset`), so the run's
+"Datasets used" shows its name, version, manifest digest and source.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 _MAX_METRICS_PER_BATCH = 1000
+_MAX_DATASET_DIGEST = 36  # MLflow's datasets.digest column; the whole sha256 goes in an input tag
+
+
+class DatasetRef(Protocol):
+    """What :meth:`MlflowLogger.log_dataset` records (a catalog ``VersionSummary`` fits)."""
+
+    name: str
+    version: int
+    manifest_sha256: str
+    source_uri: str
 
 
 def image_to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
@@ -36,15 +50,22 @@ class MlflowLogger:
     def __init__(
         self,
         tracking_uri: str | None = None,
-        experiment: str = "skf",
+        experiment: str | None = None,
         *,
         run_id: str | None = None,
         run_name: str | None = None,
         tags: Mapping[str, Any] | None = None,
+        dataset: DatasetRef | None = None,
     ) -> None:
+        """``experiment`` defaults to :func:`components.tracking.experiment_name`; ``dataset`` (the
+        version trained on) is logged as the run's training input."""
         self.client = MlflowClient(tracking_uri=tracking_uri)
         run = None
         if run_id is None:
+            if experiment is None:
+                from components.tracking import experiment_name
+
+                experiment = experiment_name()
             exp = self.client.get_experiment_by_name(experiment)
             experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
             run = self.client.create_run(
@@ -57,6 +78,8 @@ class MlflowLogger:
         self._logged_up_to: dict[str, int] = {} if run is not None else self._last_steps()
         if tags and run is None:  # continuing a run: add the tags to it
             self.set_tags(tags)
+        if dataset is not None:  # also on a continued run: MLflow keeps one input per dataset
+            self.log_dataset(dataset)
 
     def _last_steps(self) -> dict[str, int]:
         """The last step logged for each metric of the (continued) run."""
@@ -80,13 +103,38 @@ class MlflowLogger:
             self.client.log_batch(self.run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
 
     def log_image(self, image: torch.Tensor, name: str, step: int) -> None:
-        self.client.log_image(self.run_id, image_to_uint8_hwc(image), artifact_file=name)
+        """Logged under a key (the name's folder, e.g. ``samples``) and the step, so MLflow's image view
+        shows the grids of one key as a sequence over training."""
+        key = name.rsplit("/", 1)[0] if "/" in name else name.rsplit(".", 1)[0]
+        self.client.log_image(self.run_id, image_to_uint8_hwc(image), key=key, step=step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+    def log_dataset(self, dataset: DatasetRef, context: str = "training") -> None:
+        """Record ``dataset`` as an input of the run: metadata only (nothing is read or uploaded).
+
+        Name ``<name>@<version>``, digest the manifest sha256 (cut to MLflow's 36 characters; whole in
+        tag ``skf.manifest_sha256``), source the URI it was ingested from.
+        """
+        from mlflow.data.meta_dataset import MetaDataset
+
+        ref = f"{dataset.name}@{dataset.version}"
+        meta = MetaDataset(
+            _dataset_source(dataset.source_uri),
+            name=ref,
+            digest=dataset.manifest_sha256[:_MAX_DATASET_DIGEST],
+        )
+        tags = {
+            MLFLOW_DATASET_CONTEXT: context,
+            "skf.dataset_version": ref,
+            "skf.manifest_sha256": dataset.manifest_sha256,
+        }
+        entry = DatasetInput(Dataset(**meta.to_dict()), [InputTag(k, v) for k, v in tags.items()])
+        self.client.log_inputs(self.run_id, datasets=[entry])
 
     # lifecycle ---------------------------------------------------------------------------------
     def close(self, status: str = "FINISHED") -> None:
@@ -103,6 +151,23 @@ class MlflowLogger:
             self.close("FINISHED")
         else:
             self.close("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+
+def _dataset_source(uri: str) -> Any:
+    """MLflow's source for ``uri`` (local path, ``s3://``, ``https://``...), chosen from the URI alone.
+
+    A URI no MLflow source claims is kept verbatim as a URL source.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.exceptions import MlflowException
+
+    with warnings.catch_warnings():  # a local path matches two equivalent resolvers; MLflow warns
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        try:
+            return resolve_dataset_source(uri)
+        except MlflowException:
+            return HTTPDatasetSource(uri)
 
 
 def _param_value(value: Any) -> str:

@@ -499,13 +499,15 @@ def train(
     progress: Callable[[Progress], None] | None = None,
     resume: bool | str | Path = True,
     params: Mapping[str, Any] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
     **trainer_overrides: Any,
 ) -> FitResult:
     """Train ``recipe`` on ``train_dataset`` (validation batches from ``val_loader``, carved from train).
 
     In cached mode a dataset exposing a ``priors_loader`` attribute that is unset gets the cache's
     loader, so each sample carries priors cut and flipped like its crop. Extra ``params`` (dataset
-    version, ...) are logged with the resolved specs, SKB mode and fingerprint.
+    version, ...) are logged with the resolved specs, SKB mode and fingerprint. ``on_checkpoint`` gets
+    every file of ``run_dir`` a resume needs, as it is written (:class:`~components.training.engine.Trainer`).
     """
     if recipe.stages:
         from components.training.stages import train_stages
@@ -513,7 +515,7 @@ def train(
         return train_stages(
             recipe, train_dataset, val_loader, run_dir=run_dir, skb=skb, prior_cache=prior_cache,
             baseline_spec=baseline_spec, logger=logger, progress=progress, resume=resume, params=params,
-            **trainer_overrides,
+            on_checkpoint=on_checkpoint, **trainer_overrides,
         )  # fmt: skip
     torch.manual_seed(recipe.train.seed)  # identical network init for a given recipe
     routine = build_routine(baseline_spec, recipe, skb, prior_cache)
@@ -525,7 +527,9 @@ def train(
     config = trainer_config(recipe, **trainer_overrides)
     if skb is not None and config.device:  # the SKB is not a trained module: place it like the network
         skb.to(torch.device(config.device))
-    trainer = Trainer(routine, config, run_dir=run_dir, logger=logger, progress=progress)
+    trainer = Trainer(
+        routine, config, run_dir=run_dir, logger=logger, progress=progress, on_checkpoint=on_checkpoint
+    )
     resolved = run_params(routine)
     sa = getattr(routine, "sa", None)
     if sa is not None:  # what "auto" became on this run's device

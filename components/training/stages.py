@@ -107,9 +107,12 @@ def train_stages(
     progress: Callable[[Progress], None] | None = None,
     resume: bool | str | Path = True,
     params: Mapping[str, Any] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
     **trainer_overrides: Any,
 ) -> FitResult:
-    """Train ``recipe``'s stages in order over one network; see the module docstring."""
+    """Train ``recipe``'s stages in order over one network; see the module docstring.
+
+    ``on_checkpoint`` gets each stage checkpoint and each stage's ``done.json`` as they are written."""
     from components.training.routines import (
         _init_from,
         build_routine,
@@ -167,11 +170,14 @@ def train_stages(
             run_dir=directory,
             logger=StageLogger(logger, stage.name, offset, final=index == len(recipe.stages) - 1),
             progress=staged,
+            on_checkpoint=on_checkpoint,
         )
         resolved = {**run_params(routine), **(params or {})}
         resolved["training.stages"] = ",".join(s.name for s in recipe.stages)
         stage_result = trainer.fit(train_dataset, val_loader, resume=bool(resume), params=resolved)
         _mark_done(directory, stage_result)
+        if on_checkpoint is not None:
+            on_checkpoint(directory / DONE)
         offset += stage.iterations
         result = replace(stage_result, step=offset)
     for p in net.parameters():  # the network leaves training whole

@@ -2,7 +2,8 @@
 
 ``train`` and ``evaluate`` run the same jobs as the ``train-model`` / ``evaluate-model`` flows directly, with a
 progress bar (no Prefect API needed). ``demo`` runs the whole ``skf-train`` flow on the demo preset with the
-embedded defaults. ``serve`` serves every deployment of ``prefect.yaml`` from this process.
+embedded defaults. ``serve`` serves every deployment of ``prefect.yaml`` from this process, under names of
+its own (``demo-served``) so it never rewrites what ``prefect deploy`` made.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 import inspect
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +75,16 @@ def _load_flow(entrypoint: str) -> Any:
     return getattr(module, name)
 
 
-def served_deployments(path: Path = PREFECT_YAML, names: list[str] | None = None) -> list[Any]:
-    """``flow.to_deployment(...)`` for each deployment of ``path`` (all, or those in ``names``)."""
+#: Appended to the prefect.yaml names by ``skf serve``: a served deployment has no pull steps and an
+#: entrypoint relative to the serving shell, so sharing a name would rewrite the pool deployment in place.
+SERVED_SUFFIX = "-served"
+
+
+def served_deployments(
+    path: Path = PREFECT_YAML, names: list[str] | None = None, name_suffix: str = ""
+) -> list[Any]:
+    """``flow.to_deployment(...)`` for each deployment of ``path`` (all, or those in ``names``, the
+    prefect.yaml names), each named ``<name><name_suffix>``; ``skf serve`` passes :data:`SERVED_SUFFIX`."""
     from prefect.schedules import Cron
 
     spec = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -94,7 +104,7 @@ def served_deployments(path: Path = PREFECT_YAML, names: list[str] | None = None
         ]
         out.append(
             _load_flow(entry["entrypoint"]).to_deployment(
-                name=entry["name"],
+                name=f"{entry['name']}{name_suffix}",
                 description=entry.get("description"),
                 tags=list(entry.get("tags") or []),
                 parameters=dict(entry.get("parameters") or {}),
@@ -102,6 +112,24 @@ def served_deployments(path: Path = PREFECT_YAML, names: list[str] | None = None
             )
         )
     return out
+
+
+def pool_deployments_in_the_way(deployments: list[Any]) -> list[str]:
+    """``flow/name (work pool 'gpu')`` for each of ``deployments`` whose name the Prefect server already
+    holds as a work-pool deployment (made by ``prefect deploy``): serving it would overwrite that one."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    clashes = []
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            try:
+                existing = client.read_deployment_by_name(deployment.full_name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                clashes.append(f"{deployment.full_name} (work pool {existing.work_pool_name!r})")
+    return clashes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,6 +265,13 @@ def metrics_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def _mlflow_ui(tracking_uri: str, reg: Mapping[str, Any]) -> str:
+    """The registered version's page on a tracking server, or the command that opens a local store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/models/{reg['name']}/versions/{reg['version']}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
 def demo_command(
     iterations: int | None = typer.Option(None, help="Training iterations (default: the demo preset's)."),
 ) -> None:
@@ -268,7 +303,7 @@ def demo_command(
                 f"promotion:        {decision.get('reason', 'not attempted')}",
                 "note: the demo SKB is randomly initialised (no HRNet checkpoint offline), so the demo model "
                 "is registered as challenger and never promoted to champion.",
-                f"MLflow UI:        mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}",
+                "MLflow UI:        " + _mlflow_ui(settings.mlflow_tracking_uri, reg),
                 f"enhance images:   skf enhance --model models:/{reg['name']}@challenger IN OUT",
             ]
         ),
@@ -277,16 +312,35 @@ def demo_command(
 
 
 def serve_command(
-    name: list[str] = typer.Option([], "--name", "-n", help="Serve only this deployment (repeatable)."),
+    name: list[str] = typer.Option(
+        [], "--name", "-n", help="Serve only this prefect.yaml deployment (repeatable)."
+    ),
     file: Path = typer.Option(PREFECT_YAML, "--file", help="The prefect.yaml to read."),
+    name_suffix: str = typer.Option(
+        SERVED_SUFFIX, "--name-suffix", help="Appended to each name, e.g. skf-train/demo-served."
+    ),
 ) -> None:
-    """Serve the deployments of prefect.yaml from this process (local use; no work pools needed)."""
+    """Serve the deployments of prefect.yaml from this process (local use; no work pools needed).
+
+    They are served as <name><suffix>, never under the names `prefect deploy` uses; a name the server
+    already holds as a work-pool deployment is refused rather than overwritten.
+    """
     from prefect import serve
 
+    console = Console()
     try:
-        deployments = served_deployments(file, name or None)
+        deployments = served_deployments(file, name or None, name_suffix=name_suffix)
     except (ValueError, OSError) as exc:
-        raise _error(Console(), exc) from exc
+        raise _error(console, exc) from exc
+    clashes = pool_deployments_in_the_way(deployments)
+    if clashes:
+        raise _error(
+            console,
+            UserInputError(
+                f"refusing to serve {', '.join(clashes)}: the Prefect server holds it as a work-pool "
+                "deployment (from `prefect deploy`) that serving would overwrite; choose another --name-suffix"
+            ),
+        )
     serve(*deployments)
 
 

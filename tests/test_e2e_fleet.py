@@ -1,0 +1,198 @@
+"""The fleet, end to end: two GPU hosts (two workers, two SKF_HOMEs) in one pool, on shared real services.
+
+Loopback only: a Prefect server with pool ``gpu`` and two process workers (``--limit 1`` each, as
+``infra/compose.yaml`` starts them), an MLflow server on PostgreSQL with S3 artifacts, the catalog on
+PostgreSQL and the data store on S3 (moto). One test walks what a team meets:
+
+1. two trainings run at once, one per host (GPU slots are per worker; no server-wide ``gpu`` limit);
+2. a run stopped on host A resumes on host B from the checkpoint A wrote, in the same MLflow run, with each
+   metric step logged once;
+3. the summary names the version that holds the challenger alias as challenger, and links the server's run
+   and model pages; flow runs are named after what they train;
+4. a missing SKB checkpoint fails the run before anything is ingested.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from tests.pipeline_fixtures import make_tiny_dataset, tiny_params
+from tests.prefect_stack import BIN, REPO, Stack, free_port, prefect_server, start_worker, stop
+from tests.serving_fixtures import stop_process
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.postgres, pytest.mark.s3]
+
+
+def _schema(url: str, admin: sa.Engine) -> Iterator[str]:
+    name = f"m_{uuid.uuid4().hex[:10]}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{name}"'))
+    try:
+        base = url.split("?", 1)[0]
+        yield f"{base}?options=-csearch_path%3D{name}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{name}" CASCADE'))
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path, postgres_url: str, s3_env: str) -> Iterator[str]:
+    """``mlflow server`` with its own PostgreSQL schema and artifacts in the S3 bucket (proxied)."""
+    import time
+
+    admin = sa.create_engine(postgres_url.split("?", 1)[0])
+    schemas = _schema(postgres_url, admin)
+    backend = next(schemas)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (tmp_path / "mlflow-server.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
+         "--artifacts-destination", f"s3://{s3_env}/mlflow-artifacts", "--serve-artifacts",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server not healthy after 180 s"
+            time.sleep(1)
+        yield url
+    finally:
+        stop_process(proc)
+        next(schemas, None)
+        admin.dispose()
+
+
+@pytest.fixture()
+def fleet(
+    tmp_path: Path, postgres_url: str, s3_env: str, mlflow_server: str
+) -> Iterator[tuple[Stack, dict[str, str]]]:
+    """The Prefect server with pool ``gpu`` and the demo deployment on it; yields it and the shared env."""
+    shared = {
+        "SKF_CATALOG_URL": postgres_url,
+        "SKF_STORAGE_URI": f"s3://{s3_env}/store",
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"],
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    env = {
+        **os.environ,
+        **shared,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "SKF_PROJECT_DIR": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("SKF_WEIGHTS_URI", None)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with prefect_server(env, logs) as stack:
+        stack.cli("work-pool", "create", "gpu", "--type", "process")
+        stack.cli("--no-prompt", "deploy", "--name", "demo", "--pool", "gpu")
+        yield stack, shared
+
+
+def _host(stack: Stack, name: str, home: Path) -> subprocess.Popen[bytes]:
+    return start_worker(stack, "gpu", name, {"SKF_HOME": str(home)}, "--limit", "1")
+
+
+def _flow_run(stack: Stack, flow_run_id: str) -> dict[str, Any]:
+    return httpx.get(f"{stack.api}/flow_runs/{flow_run_id}", timeout=10).json()
+
+
+def _interval(run: dict[str, Any]) -> tuple[dt.datetime, dt.datetime]:
+    return dt.datetime.fromisoformat(run["start_time"]), dt.datetime.fromisoformat(run["end_time"])
+
+
+def _wait(stack: Stack, *flow_run_ids: str) -> list[str]:
+    return [stack.wait(i) for i in flow_run_ids]
+
+
+def _worker_logs(stack: Stack) -> str:
+    return "\n".join(p.read_text()[-4000:] for p in sorted(stack.logs.glob("host-*.log")))
+
+
+def test_two_hosts_train_at_once_and_resume_each_others_runs(
+    fleet: tuple[Stack, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    stack, shared = fleet
+    data = make_tiny_dataset(tmp_path / "data")
+    host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
+    workers = {"a": _host(stack, "host-a", host_a), "b": _host(stack, "host-b", host_b)}
+    try:
+        # 1. two configurations at once: each host takes one (each worker's limit is 1)
+        runs = [
+            stack.run_deployment(tiny_params(data, name="fleet", training={"overrides": {"train.seed": s}}))
+            for s in (1, 2)
+        ]
+        assert _wait(stack, *runs) == ["COMPLETED", "COMPLETED"], _worker_logs(stack)
+        (a_start, a_end), (b_start, b_end) = (_interval(_flow_run(stack, r)) for r in runs)
+        assert a_start < b_end and b_start < a_end, "the two trainings did not run at the same time"
+        assert all((h / "runs").is_dir() for h in (host_a, host_b)), "one host trained both"
+        limits = httpx.post(f"{stack.api}/concurrency_limits/filter", json={}, timeout=10).json()
+        assert [lim["tag"] for lim in limits] == []  # no server-wide gpu limit was created
+        assert _flow_run(stack, runs[0])["name"] == "demo-fleet"
+
+        # 2. stopped on host A after its step-2 checkpoint ...
+        stop(workers.pop("b"), signal.SIGINT)
+        stopped = tiny_params(
+            data, name="fleet", training={"overrides": {"train.seed": 3}, "stop_after_step": 2}
+        )
+        assert _wait(stack, stack.run_deployment(stopped)) == ["FAILED"]
+        stop(workers.pop("a"), signal.SIGINT)
+        # ... resumed on host B, which never saw that run directory
+        workers["b"] = _host(stack, "host-b", host_b)
+        stopped["training"].pop("stop_after_step")
+        resumed = stack.run_deployment(stopped)
+        assert _wait(stack, resumed) == ["COMPLETED"], _worker_logs(stack)
+        summary = stack.summary(resumed)
+        assert "Training**: resumed, 4 steps" in summary
+        run_id = summary.split("MLflow run: ")[1].split("/#/runs/")[1].split()[0]
+        assert f"MLflow run: {shared['MLFLOW_TRACKING_URI']}/#/runs/{run_id}" in summary
+        assert "version 3 (registered), challenger" in summary  # alias read from the version itself
+        client = MlflowClient(shared["MLFLOW_TRACKING_URI"])
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        assert sorted(steps) == [1, 2, 3, 4], steps  # nothing logged twice across the hosts
+
+        # 4. a missing SKB checkpoint: fails before ingest
+        missing = f"{shared['SKF_STORAGE_URI']}/weights/hrnet_w48_pascal_context_cls59_480x480.pth"
+        bad = tiny_params(data, name="never-ingested", training={"skb_checkpoint": missing})
+        failed = stack.run_deployment(bad)
+        assert _wait(stack, failed) == ["FAILED"]
+        assert "does not exist" in (_flow_run(stack, failed)["state"]["message"] or "")
+    finally:
+        for proc in workers.values():
+            stop(proc, signal.SIGINT)
+
+    monkeypatch.setenv("SKF_CATALOG_URL", shared["SKF_CATALOG_URL"])
+    from components.data.ingest import list_versions
+
+    assert list_versions("never-ingested") == []
+    assert [v.ref for v in list_versions("fleet")] == ["fleet@1"]
