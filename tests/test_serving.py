@@ -234,20 +234,46 @@ def test_torchscript_export_matches_pytorch(model_uri: str, snr, tmp_path: Path)
         np.testing.assert_allclose(scripted(x).numpy(), snr(x).numpy(), atol=1e-5)
 
 
+def test_torchscript_nhwc_export_takes_and_returns_nhwc(model_uri: str, snr, tmp_path: Path) -> None:
+    out = tmp_path / "enhancer-nhwc.pt"
+    args = ["export", "-m", model_uri, "-f", "torchscript", str(out), "--height", "48", "--width", "80"]
+    result = CliRunner().invoke(cli(), [*args, "--layout", "nhwc"])
+    assert result.exit_code == 0 and "(1, 48, 80, 3) (NHWC)" in result.output, result.output
+    x = torch.rand(1, 48, 80, 3)  # as decoded images and the pyfunc signature are laid out
+    with torch.no_grad():
+        got = torch.jit.load(str(out))(x)
+        np.testing.assert_allclose(
+            got.numpy(), snr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy(), atol=1e-5
+        )
+    bad = CliRunner().invoke(cli(), [*args, "--layout", "chw"])
+    assert bad.exit_code == 2 and "expected one of nchw, nhwc" in bad.output
+
+
 @pytest.mark.slow
 def test_onnx_export_matches_pytorch_in_onnxruntime(model_uri: str, snr, tmp_path: Path) -> None:
+    import json
+
+    import onnx
     import onnxruntime as ort
 
     out = tmp_path / "snr.onnx"
     args = ["export", "-m", model_uri, "-f", "onnx", str(out), "--height", "32", "--width", "48"]
-    result = CliRunner().invoke(cli(), args)
+    result = CliRunner().invoke(cli(), [*args, "--layout", "nhwc"])
     assert result.exit_code == 0, result.output
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
-    x = torch.rand(1, 3, 32, 48)
+    assert session.get_inputs()[0].shape == [1, 32, 48, 3]
+    x = torch.rand(1, 32, 48, 3)
     (y,) = session.run(["enhanced"], {"image": x.numpy()})
     with torch.no_grad():
-        np.testing.assert_allclose(y, snr(x).numpy(), atol=1e-4)
+        expected = snr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(y, expected.numpy(), atol=1e-4)
+    # the file says which model it is and how to feed it
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["skf.spec"])["baseline"] == snr.spec.baseline
+    assert meta["skf.skb_fingerprint"] == (snr.spec.skb_fingerprint or "none")
+    assert (meta["skf.input_layout"], meta["skf.input_shape"]) == ("NHWC", "1x32x48x3")
+    assert meta["skf.input_range"] == "float32 RGB in [0, 1]"
 
 
 def test_skf_promote_command(tracking: Path, tmp_path: Path) -> None:

@@ -115,16 +115,20 @@ def export_command(
     height: int = typer.Option(400, help="Input height the graph is traced for (fixed)."),
     width: int = typer.Option(600, help="Input width the graph is traced for (fixed)."),
     batch: int = typer.Option(1, help="Batch size the graph is traced for (fixed)."),
+    layout: str = typer.Option("nchw", help="nchw (B,3,H,W) or nhwc (B,H,W,3, as the pyfunc model takes)."),
 ) -> None:
     """Export enhancer + SKB as one traced graph for a fixed (batch, 3, height, width) input."""
-    from components.export import FORMATS, export_enhancer
+    from components.export import FORMATS, LAYOUTS, export_enhancer
     from components.serving import load_enhancer
 
     if fmt not in FORMATS:
         raise typer.BadParameter(f"expected one of {', '.join(FORMATS)}", param_hint="--format")
+    if layout not in LAYOUTS:
+        raise typer.BadParameter(f"expected one of {', '.join(LAYOUTS)}", param_hint="--layout")
     enhancer = load_enhancer(model, device="cpu")
-    path = export_enhancer(enhancer, out, fmt, height=height, width=width, batch=batch)  # type: ignore[arg-type]
-    typer.echo(f"exported {fmt} for input ({batch}, 3, {height}, {width}) to {path}")
+    path = export_enhancer(enhancer, out, fmt, height=height, width=width, batch=batch, layout=layout)  # type: ignore[arg-type]
+    shape = (batch, height, width, 3) if layout == "nhwc" else (batch, 3, height, width)
+    typer.echo(f"exported {fmt} for input {shape} ({layout.upper()}) to {path}")
 
 
 def promote_command(
