@@ -68,6 +68,8 @@ def config_hash(
         "dataset_manifest": manifest_sha256,
         "val_fraction": val_fraction,
     }
+    if plan.gpus > 1:  # the recipe's batch is per process: N processes train other weights
+        payload["world_size"] = plan.gpus
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -333,27 +335,30 @@ def _open_logger(job: _Job) -> Any:
     )
 
 
-def _fit(
-    job: _Job,
-    logger: Any,
+def _train_run_dir(
+    plan: TrainingPlan,
+    version: Any,
+    skb: Any,
+    catalog: Any,
     run_dir: Path,
-    on_progress: Callable[[Any], None],
-    on_checkpoint: Callable[[Path], None],
+    *,
+    logger: Any = None,
+    on_progress: Callable[[Any], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> Any:
-    """Priors, datasets, the training loop and the enhancer package: everything that may fail."""
+    """Priors, datasets and the training loop into ``run_dir`` (every rank of a multi-GPU run)."""
     from components.prior_cache import PriorCache
     from components.settings import get_settings
     from components.skb import needs_labels
     from components.storage import open_storage
     from components.training.routines import train
 
-    plan, version, skb = job.plan, job.version, job.skb
     cache = None
     if skb is not None and plan.recipe.skf.skb_mode == "cached":
         ensure_priors(version.ref, skb)
-        cache = PriorCache(open_storage(get_settings().storage_uri), job.catalog, skb.fingerprint)
+        cache = PriorCache(open_storage(get_settings().storage_uri), catalog, skb.fingerprint)
     train_ds, val_loader = _datasets_for(version, plan, labelled=needs_labels(skb))
-    fit = train(
+    return train(
         plan.recipe,
         train_ds,
         val_loader,
@@ -368,9 +373,29 @@ def _fit(
         on_checkpoint=on_checkpoint,
         device=plan.device,
     )
+
+
+def _fit(
+    job: _Job,
+    logger: Any,
+    run_dir: Path,
+    on_progress: Callable[[Any], None],
+    on_checkpoint: Callable[[Path], None],
+) -> Any:
+    """The training and the enhancer package: everything that may fail."""
+    fit = _train_run_dir(
+        job.plan,
+        job.version,
+        job.skb,
+        job.catalog,
+        run_dir,
+        logger=logger,
+        on_progress=on_progress,
+        on_checkpoint=on_checkpoint,
+    )
     if fit.checkpoint is None:
-        raise RuntimeError(f"training of {plan.recipe.name} ended without a checkpoint in {run_dir}")
-    log_package(plan, skb, fit.checkpoint, logger.run_id)
+        raise RuntimeError(f"training of {job.plan.recipe.name} ended without a checkpoint in {run_dir}")
+    log_package(job.plan, job.skb, fit.checkpoint, logger.run_id)
     return fit
 
 
@@ -406,6 +431,7 @@ def _train_leased(
             f"{'resuming' if resuming else 'training'} {job.plan.recipe.name} on {job.version.ref} "
             f"(config {job.digest[:12]}, MLflow run {logger.run_id}, run dir {run_dir})"
         )
+        _tell_followers({"train": True, "digest": job.digest})
 
         def on_progress(p: Any) -> None:
             keeper.check()
@@ -466,6 +492,10 @@ def run_training(
     from components.catalog.leases import LeaseKeeper, new_holder_id
     from components.data.ingest import get_version
 
+    if plan.gpus > 1 and not _in_process_group():
+        from components.training.launch import launch_distributed
+
+        return launch_distributed(version_ref, plan, stop_after_step=stop_after_step, log=log)
     catalog = open_catalog()
     version = get_version(version_ref, catalog=catalog)
     skb = build_skb(plan, plan.device)
@@ -481,16 +511,55 @@ def run_training(
     if done is not None:
         log(f"training skipped: run {done.info.run_id} already trained config {digest[:12]} on {version.ref}")
         _record_reuse(catalog, row, done, digest, version.id)
+        _tell_followers({"train": False})
         return _reused(done, plan, skb, digest, version, "skipped")
 
     holder = new_holder_id()
     claim = _wait_for_lease(catalog, digest, version.id, holder, log)
     if not claim.acquired:
         log(f"joined: run {claim.run_id} trained config {digest[:12]} on {version.ref} meanwhile")
+        _tell_followers({"train": False})
         return _reused(client.get_run(claim.run_id), plan, skb, digest, version, "joined")
     job = _Job(plan, version, skb, digest, catalog, client, claim.row_id, holder, claim.run_id)
     with LeaseKeeper(catalog, claim.row_id, holder, LEASE_TTL_S) as keeper:
         return _train_leased(job, keeper, progress=progress, stop_after_step=stop_after_step, log=log)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-GPU: rank 0 runs the job above, the other ranks follow (components.training.launch starts them)
+# --------------------------------------------------------------------------------------------------
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _tell_followers(decision: dict[str, Any]) -> None:
+    """Rank 0: whether the other ranks train (and which run directory); a no-op in one process."""
+    if _in_process_group():
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([decision], src=0)
+
+
+def follow_leader(version_ref: str, plan: TrainingPlan) -> None:
+    """A rank > 0 of a multi-GPU run: wait for rank 0's decision (it runs :func:`run_training`), then train
+    in lockstep with it. No catalog row, MLflow run or copies here: rank 0 keeps those."""
+    import torch.distributed as dist
+
+    from components.catalog import open_catalog
+    from components.data.ingest import get_version
+    from components.settings import get_settings
+
+    received: list[Any] = [None]
+    dist.broadcast_object_list(received, src=0)
+    decision = received[0]
+    if not decision["train"]:
+        return
+    catalog = open_catalog()
+    version = get_version(version_ref, catalog=catalog)
+    run_dir = get_settings().home / "runs" / decision["digest"][:16]
+    _train_run_dir(plan, version, build_skb(plan, plan.device), catalog, run_dir)
 
 
 # --------------------------------------------------------------------------------------------------

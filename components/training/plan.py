@@ -70,6 +70,13 @@ class TrainingRequest(BaseModel):
         DEFAULT_VAL_FRACTION, ge=0.0, lt=1.0, description="Fraction of train pairs carved out for validation."
     )
     device: str | None = Field(None, description="torch device (default: cuda if available, else cpu).")
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes the training launches on its host with torchrun, one per GPU (DDP; the "
+        "recipe's batch is per process). 1 trains in the calling process.",
+    )
 
 
 class TrainingPlan(BaseModel):
@@ -90,6 +97,10 @@ class TrainingPlan(BaseModel):
     @property
     def device(self) -> str | None:
         return self.request.device
+
+    @property
+    def gpus(self) -> int:
+        return self.request.gpus
 
     def describe(self) -> dict[str, Any]:
         return {
