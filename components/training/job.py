@@ -372,6 +372,7 @@ def _train_run_dir(
         params={"dataset.version": version.ref, "dataset.manifest": version.manifest_sha256},
         on_checkpoint=on_checkpoint,
         device=plan.device,
+        compile=plan.compile,
     )
 
 

@@ -22,6 +22,7 @@ from components.baselines import BaselineFamily, families, get_family
 from components.errors import UserInputError
 from components.precompute import DEFAULT_SKB
 from components.recipes import Recipe, load_recipe
+from components.training.engine import CompileMode
 from components.training.routines import SA_SPEC, SCH_SPEC, check_model_overrides
 
 __all__ = [
@@ -77,6 +78,11 @@ class TrainingRequest(BaseModel):
         description="Processes the training launches on its host with torchrun, one per GPU (DDP; the "
         "recipe's batch is per process). 1 trains in the calling process.",
     )
+    compile: CompileMode = Field(
+        "off",
+        description="torch.compile mode for the trained networks (off, default, reduce-overhead, "
+        "max-autotune); like device, how the run executes, not what it trains.",
+    )
 
 
 class TrainingPlan(BaseModel):
@@ -101,6 +107,10 @@ class TrainingPlan(BaseModel):
     @property
     def gpus(self) -> int:
         return self.request.gpus
+
+    @property
+    def compile(self) -> str:
+        return self.request.compile
 
     def describe(self) -> dict[str, Any]:
         return {
