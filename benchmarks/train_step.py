@@ -72,6 +72,8 @@ MODEL_OVERRIDES: dict[str, dict[str, Any]] = {}
 LAYOUTS = {"auto": None, "channels-last": True, "nchw": False}
 #: The networks' internal layout for this run (``--layout``); the builders' ``channels_last`` override.
 LAYOUT: dict[str, bool | None] = {"channels_last": None}
+#: torch.compile mode of the trained networks for this run (``--compile``), as the engine's ``compile``.
+COMPILE: dict[str, str] = {"mode": "off"}
 SA_PRECISIONS = ("auto", "fp32", "bf16")
 #: The DRBN-SKF discriminator step's precision for this run (``--sa-precision``; recipe ``skf.sa.precision``).
 SA: dict[str, str] = {"precision": "auto"}
@@ -234,6 +236,8 @@ class Runner:
         modules = self.routine.modules()
         for m in modules.values():
             m.to(self.device).train()  # before the optimisers: they keep the same Parameter objects
+            if COMPILE["mode"] != "off":
+                m.compile(mode=COMPILE["mode"], dynamic=False)  # as the engine does (train.compile)
         self.schedulers = self.routine.schedulers()
         amp_on = amp != "off" and self.device.type == "cuda"
         amp_dtype = torch.float16 if amp == "fp16" else torch.bfloat16
@@ -496,6 +500,7 @@ def peaks(
     for v in variants:
         cmd = [sys.executable, __file__, "--child", f"{model}:{v}", "--threads", str(args.threads)]
         cmd += ["--malloc", args.malloc, "--layout", args.layout, "--sa-precision", args.sa_precision]
+        cmd += ["--compile", args.compile]
         cmd += ["--cpu-kernels", args.cpu_kernels, "--batch", str(batch or n), "--crop", str(s)]
         proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
         out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -735,6 +740,7 @@ def _env(args: argparse.Namespace) -> dict[str, Any]:
         "online_steps": min(args.online_steps, args.steps),
         "no_timing": bool(getattr(args, "no_timing", False)),
         "layout": args.layout,
+        "compile": getattr(args, "compile", "off"),
         "sa_precision": _sa_precision(args),
         "cpu_kernels": _cpu_kernels(args),
         # the steps run without autocast on CPU (the LLFlow recipes' AMP applies on CUDA only)
@@ -783,6 +789,12 @@ def main() -> None:
     ap.add_argument(
         "--cpu-kernels", choices=("auto", "off"), default="auto", help="fused CPU ops of the SE blocks"
     )
+    ap.add_argument(
+        "--compile",
+        choices=("off", "default", "reduce-overhead", "max-autotune"),
+        default="off",
+        help="torch.compile the trained networks (the engine's compile setting)",
+    )
     ap.add_argument("--no-shares", action="store_true", help="skip the SE/SCH/SA component timings")
     ap.add_argument("--no-timing", action="store_true", help="no timed rounds (memory only, with --memory)")
     ap.add_argument("--memory", action="store_true", help="peak RSS per variant in fresh processes")
@@ -799,6 +811,7 @@ def main() -> None:
     reexec_with(args.malloc, args.threads)
     LAYOUT["channels_last"] = LAYOUTS[args.layout]
     SA["precision"] = args.sa_precision
+    COMPILE["mode"] = args.compile
 
     import torch
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -262,3 +263,29 @@ def test_memory_children_and_extrapolation_from_the_command_line(tmp_path: Path)
         mem["extrapolated"]["b"]["batch"] == 16 and mem["extrapolated"]["b"]["kind"] == "linear extrapolation"
     )
     assert "**linear extrapolation** from batches 1, 2, not measured" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_end_to_end_in_smoke_mode(tmp_path: Path) -> None:
+    """``benchmarks/gpu_check.sh --smoke``: the GPU session's command, on CPU at toy sizes, writes every
+    result file (eager and compiled step ratios, precompute throughput); what only CUDA can run it leaves out."""
+    out = tmp_path / "results"
+    env = {**os.environ, "SKF_GPU_CHECK_OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "precompute.json",
+        "step-compiled.json",
+        "step-compiled.md",
+        "step-eager.json",
+        "step-eager.md",
+    ]
+    eager, compiled = (json.loads((out / f"step-{k}.json").read_text()) for k in ("eager", "compiled"))
+    assert (eager["env"]["compile"], compiled["env"]["compile"]) == ("off", "default")
+    assert set(eager["models"]["drbn"]["variants"]) == {"a", "b", "b-nosa"}
+    assert set(compiled["models"]["drbn"]["variants"]) == {"a"}  # smoke: the plain step compiled only
+    assert json.loads((out / "precompute.json").read_text())
+    assert "done:" in proc.stdout
