@@ -117,19 +117,12 @@ def _artifact_key(prefix: str, name: str) -> str:
     return f"{prefix}-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "dataset")
 
 
-def _publish_summary(
-    params: SkfTrainParams,
-    stages: Mapping[str, Any],
-    error: str | None = None,
-    *,
-    flow: str = "skf-train",
-    lead: str | None = None,
-) -> str:
-    markdown = summary_markdown(params, stages, error, flow=flow, lead=lead)
+def _publish_summary(markdown: str, dataset: str, flow: str = "skf-train", failed: bool = False) -> str:
+    """The run's summary (:func:`summary_markdown`) as the ``<flow>-<dataset>`` markdown artifact."""
     create_markdown_artifact(
         markdown=markdown,
-        key=_artifact_key(flow, params.dataset.name),
-        description=f"{flow} summary" + (" (failed)" if error else ""),
+        key=_artifact_key(flow, dataset),
+        description=f"{flow} summary" + (" (failed)" if failed else ""),
     )
     return markdown
 
@@ -224,9 +217,10 @@ def skf_train(params: SkfTrainParams) -> dict[str, Any]:
         stages["ingest"] = ingest_dataset(source, params.dataset.name, params.dataset.layout)
         _train_evaluate_register(params, stages)
     except BaseException as exc:
-        _publish_summary(params, stages, error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        _publish_summary(summary_markdown(params, stages, error), params.dataset.name, failed=True)
         raise
-    markdown = _publish_summary(params, stages)
+    markdown = _publish_summary(summary_markdown(params, stages), params.dataset.name)
     get_run_logger().info("skf-train summary\n%s", markdown)
     return {**stages, "summary": markdown}
 
@@ -268,9 +262,12 @@ def skf_retrain(
     try:
         _train_evaluate_register(full, stages)
     except BaseException as exc:
-        _publish_summary(full, stages, error=f"{type(exc).__name__}: {exc}", flow="skf-retrain", lead=lead)
+        error = f"{type(exc).__name__}: {exc}"
+        markdown = summary_markdown(full, stages, error, flow="skf-retrain", lead=lead)
+        _publish_summary(markdown, dataset_name, "skf-retrain", failed=True)
         raise
-    markdown = _publish_summary(full, stages, flow="skf-retrain", lead=lead)
+    markdown = summary_markdown(full, stages, flow="skf-retrain", lead=lead)
+    _publish_summary(markdown, dataset_name, "skf-retrain")
     return {
         "status": "retrained",
         "dataset_version": ingested["ref"],

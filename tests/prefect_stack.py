@@ -84,6 +84,22 @@ class Stack:
         return texts[0]
 
 
+def wait_healthy(
+    proc: subprocess.Popen[bytes], health_url: str, log: Path, what: str, timeout: float = 180
+) -> None:
+    """Until ``health_url`` answers 200; fails with the end of ``log`` if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"{what} exited:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{what} not healthy after {timeout:.0f} s"
+        time.sleep(1)
+
+
 @contextmanager
 def prefect_server(env: dict[str, str], logs: Path) -> Iterator[Stack]:
     """``prefect server start`` on a free loopback port with ``env`` (its PREFECT_HOME); yields a Stack."""
@@ -97,16 +113,7 @@ def prefect_server(env: dict[str, str], logs: Path) -> Iterator[Stack]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (logs / "server.log").read_text()
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "Prefect server not healthy after 180 s"
-            time.sleep(1)
+        wait_healthy(server, f"{api}/health", logs / "server.log", "Prefect server")
         yield Stack(env, api, logs)
     finally:
         stop(server, signal.SIGTERM)

@@ -28,7 +28,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.pipeline_fixtures import make_tiny_dataset, tiny_params
-from tests.prefect_stack import BIN, REPO, Stack, free_port, prefect_server, start_worker, stop
+from tests.prefect_stack import BIN, REPO, Stack, free_port, prefect_server, start_worker, stop, wait_healthy
 from tests.serving_fixtures import stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.postgres, pytest.mark.s3]
@@ -49,8 +49,6 @@ def _schema(url: str, admin: sa.Engine) -> Iterator[str]:
 @pytest.fixture()
 def mlflow_server(tmp_path: Path, postgres_url: str, s3_env: str) -> Iterator[str]:
     """``mlflow server`` with its own PostgreSQL schema and artifacts in the S3 bucket (proxied)."""
-    import time
-
     admin = sa.create_engine(postgres_url.split("?", 1)[0])
     schemas = _schema(postgres_url, admin)
     backend = next(schemas)
@@ -66,16 +64,7 @@ def mlflow_server(tmp_path: Path, postgres_url: str, s3_env: str) -> Iterator[st
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server not healthy after 180 s"
-            time.sleep(1)
+        wait_healthy(proc, f"{url}/health", tmp_path / "mlflow-server.log", "mlflow server")
         yield url
     finally:
         stop_process(proc)
