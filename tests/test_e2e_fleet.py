@@ -4,7 +4,8 @@ Loopback only: a Prefect server with pool ``gpu`` and two process workers (``--l
 ``infra/compose.yaml`` starts them), an MLflow server on PostgreSQL with S3 artifacts, the catalog on
 PostgreSQL and the data store on S3 (moto). One test walks what a team meets:
 
-1. two trainings run at once, one per host (GPU slots are per worker; no server-wide ``gpu`` limit);
+1. two trainings run at once, one per host (GPU slots are per worker; no server-wide ``gpu`` limit), and
+   the same request again skips every stage;
 2. a run stopped on host A resumes on host B from the checkpoint A wrote, in the same MLflow run, with each
    metric step logged once;
 3. the summary names the version that holds the challenger alias as challenger, and links the server's run
@@ -148,6 +149,14 @@ def test_two_hosts_train_at_once_and_resume_each_others_runs(
         limits = httpx.post(f"{stack.api}/concurrency_limits/filter", json={}, timeout=10).json()
         assert [lim["tag"] for lim in limits] == []  # no server-wide gpu limit was created
         assert _flow_run(stack, runs[0])["name"] == "demo-fleet"
+        # the same request again finds everything done: no SKB pass, no step, no new version
+        again = stack.run_deployment(
+            tiny_params(data, name="fleet", training={"overrides": {"train.seed": 1}})
+        )
+        assert _wait(stack, again) == ["COMPLETED"]
+        summary = stack.summary(again)
+        assert "0 computed, 12 cached, 0 failed, 0 SKB forward passes" in summary
+        assert "Training**: skipped" in summary and "Evaluation** (skipped" in summary
 
         # 2. stopped on host A after its step-2 checkpoint ...
         stop(workers.pop("b"), signal.SIGINT)
