@@ -36,12 +36,14 @@ __all__ = [
     "S3Storage",
     "Storage",
     "StorageError",
+    "local_path",
     "make_s3_client",
     "open_storage",
     "read_uri",
     "s3_client",
     "sha256_bytes",
     "sha256_file",
+    "split_s3_uri",
 ]
 
 _CHUNK = 1 << 20
@@ -512,12 +514,14 @@ class S3Storage(Storage):
 
 
 # --------------------------------------------------------------------------------------------- entry points
-def _split_s3(uri: str) -> tuple[str, str]:
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``."""
     bucket, _, key = uri[len("s3://") :].partition("/")
     return bucket, key
 
 
-def _local_path(uri: str) -> Path:
+def local_path(uri: str) -> Path:
+    """The folder or file a local path or ``file://`` URI names; other schemes are refused."""
     if uri.startswith("file://"):
         from urllib.parse import unquote, urlparse
 
@@ -531,15 +535,15 @@ def open_storage(uri: str | os.PathLike[str]) -> Storage:
     """Storage rooted at a local path / ``file://`` URI or at ``s3://bucket[/prefix]``."""
     uri = os.fspath(uri)
     if uri.startswith("s3://"):
-        return S3Storage(*_split_s3(uri))
-    return LocalStorage(_local_path(uri))
+        return S3Storage(*split_s3_uri(uri))
+    return LocalStorage(local_path(uri))
 
 
 def read_uri(uri: str | os.PathLike[str], *, sha256: str | None = None) -> bytes:
     """Read one object by its full URI (as recorded in the catalog), verifying ``sha256`` if given."""
     uri = os.fspath(uri)
     if uri.startswith("s3://"):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3_uri(uri)
         return S3Storage(bucket).get_bytes(key, sha256=sha256)
-    path = _local_path(uri).expanduser().resolve()
+    path = local_path(uri).expanduser().resolve()
     return LocalStorage(path.parent).get_bytes(path.name, sha256=sha256)

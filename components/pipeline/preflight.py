@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,36 +44,33 @@ def _scheme(uri: str) -> str:
     return "" if len(scheme) <= 1 else scheme  # one letter is a Windows drive
 
 
-def _s3_parts(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    return bucket, key
+def _first_s3_key(uri: str) -> tuple[str, str, str | None]:
+    """``(bucket, key, the first stored key starting with key)``; one listing request, which (unlike a HEAD)
+    tells a missing bucket (a :class:`PreflightError` naming it) from a missing object."""
+    from components import storage
 
-
-def _storage_error(uri: str, exc: Exception) -> PreflightError:
-    return PreflightError(str(exc) if isinstance(exc, SKFError) else f"{uri}: {exc}")
+    bucket, key = storage.split_s3_uri(uri)
+    try:
+        return bucket, key, next(iter(storage.S3Storage(bucket).list(key)), None)
+    except (storage.StorageError, ValueError) as exc:
+        raise PreflightError(str(exc) if isinstance(exc, SKFError) else f"{uri}: {exc}") from exc
 
 
 def check_checkpoint(uri: str) -> str:
     """The SKB checkpoint exists (a local file or an S3 object); http(s) is left to the download."""
-    from components import storage
+    from components.storage import local_path
 
     scheme = _scheme(uri)
     if scheme in ("http", "https"):
         return f"SKB checkpoint {uri}: fetched at first use (http)"
     if scheme == "s3":
-        bucket, key = _s3_parts(uri)
-        try:
-            store = storage.S3Storage(bucket)
-            next(iter(store.list(key)), None)  # HEAD cannot tell a missing bucket from a missing key
-            found = bool(key) and store.exists(key)
-        except (storage.StorageError, ValueError) as exc:
-            raise _storage_error(uri, exc) from exc
-        if not found:
+        _, key, first = _first_s3_key(uri)
+        if not key or first != key:  # a listing is sorted: the key itself comes before longer ones
             raise PreflightError(
                 f"SKB checkpoint {uri} does not exist; upload it there or fix training.skb_checkpoint"
             )
         return f"SKB checkpoint {uri}: present"
-    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(uri).path) if scheme == "file" else uri)
+    path = local_path(uri) if scheme == "file" else Path(uri)
     if not path.expanduser().is_file():
         raise PreflightError(
             f"SKB checkpoint {path} is not a file; pass the path of "
@@ -85,15 +81,8 @@ def check_checkpoint(uri: str) -> str:
 
 def check_source(uri: str) -> str:
     """The dataset source exists: a local file or folder, or an S3 prefix with at least one object."""
-    from components import storage
-
     if _scheme(uri) == "s3":
-        bucket, prefix = _s3_parts(uri)
-        try:
-            first = next(iter(storage.S3Storage(bucket).list(prefix)), None)
-        except (storage.StorageError, ValueError) as exc:
-            raise _storage_error(uri, exc) from exc
-        if first is None:
+        if _first_s3_key(uri)[2] is None:
             raise PreflightError(
                 f"dataset source {uri} holds no objects; upload the dataset or fix the prefix"
             )
@@ -106,16 +95,15 @@ def check_source(uri: str) -> str:
 
 def check_storage(uri: str) -> str:
     """The storage root is usable: its bucket exists (S3), or its folder exists or can be created."""
-    from components import storage
+    from components.storage import local_path
 
     if _scheme(uri) == "s3":
-        bucket, prefix = _s3_parts(uri)
-        try:
-            next(iter(storage.S3Storage(bucket).list(prefix)), None)  # NoSuchBucket -> StorageError
-        except (storage.StorageError, ValueError) as exc:
-            raise _storage_error(uri, exc) from exc
+        bucket, _, _ = _first_s3_key(uri)  # NoSuchBucket -> PreflightError
         return f"storage {uri}: bucket {bucket!r} reachable"
-    root = Path(urllib.request.url2pathname(urllib.parse.urlparse(uri).path) if _scheme(uri) else uri)
+    try:
+        root = local_path(uri)
+    except ValueError as exc:  # a scheme no storage backend serves
+        raise PreflightError(f"{exc}; fix SKF_STORAGE_URI") from exc
     existing = next((p for p in (root, *root.parents) if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
         raise PreflightError(

@@ -7,7 +7,7 @@ from typing import Any
 
 from components.pipeline.params import SkfTrainParams
 
-__all__ = ["summary_markdown"]
+__all__ = ["is_tracking_server", "mlflow_ui", "summary_markdown"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,21 +74,33 @@ def _result_lines(stages: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def is_tracking_server(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def mlflow_ui(tracking_uri: str, page: str = "") -> str:
+    """``page`` (e.g. ``runs/<id>``) of a tracking server's UI; for a local store, the command that opens
+    its UI (``mlflow ui --backend-store-uri`` on a server URI would crash)."""
+    if is_tracking_server(tracking_uri):
+        return f"{tracking_uri.rstrip('/')}/#/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
 def _where_to_look(stages: Mapping[str, Any]) -> list[str]:
     """Links to the run and the model on a tracking server; the ``mlflow ui`` command for a local store."""
     from components.settings import get_settings
 
     uri = get_settings().mlflow_tracking_uri
-    if not uri.startswith(("http://", "https://")):
-        return [f"MLflow UI: `mlflow ui --backend-store-uri {uri}`"]
-    base = uri.rstrip("/")
+    if not is_tracking_server(uri):
+        return [f"MLflow UI: `{mlflow_ui(uri)}`"]
     lines = []
     if stages.get("train"):
-        lines.append(f"MLflow run: {base}/#/runs/{stages['train']['run_id']}  ")
+        lines.append(f"MLflow run: {mlflow_ui(uri, 'runs/' + stages['train']['run_id'])}  ")
     reg = stages.get("register")
     if reg:
-        lines.append(f"MLflow model: {base}/#/models/{reg['name']}/versions/{reg['version']}  ")
-    return lines or [f"MLflow: {base}"]
+        page = f"models/{reg['name']}/versions/{reg['version']}"
+        lines.append(f"MLflow model: {mlflow_ui(uri, page)}  ")
+    return lines or [f"MLflow: {uri.rstrip('/')}"]
 
 
 def summary_markdown(

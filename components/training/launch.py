@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     training_plan = plan(request)
     wants_cuda = (request.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     info = init_from_env("cuda" if wants_cuda else "cpu")
-    record: dict[str, Any] | None = None
+    result_file = Path(args.outcome)
     try:
         if info.is_main:
             outcome = run_training(
@@ -109,17 +109,14 @@ def main(argv: list[str] | None = None) -> int:
                 stop_after_step=args.stop_after_step,
                 log=print,
             )
-            record = {"outcome": outcome.to_dict()}
+            result_file.write_text(json.dumps({"outcome": outcome.to_dict()}))
         else:
             follow_leader(args.version, training_plan)
     except BaseException as exc:
         if info.is_main:
-            record = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-            Path(args.outcome).write_text(json.dumps(record))
+            result_file.write_text(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
         raise
     finally:
-        if record is not None and "outcome" in record:
-            Path(args.outcome).write_text(json.dumps(record))
         if dist.is_initialized():
             shutdown(info)
     return 0

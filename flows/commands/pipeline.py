@@ -12,7 +12,6 @@ import importlib
 import inspect
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -265,13 +264,6 @@ def metrics_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def _mlflow_ui(tracking_uri: str, reg: Mapping[str, Any]) -> str:
-    """The registered version's page on a tracking server, or the command that opens a local store."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/models/{reg['name']}/versions/{reg['version']}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
-
-
 def demo_command(
     iterations: int | None = typer.Option(None, help="Training iterations (default: the demo preset's)."),
 ) -> None:
@@ -279,6 +271,7 @@ def demo_command(
     # Before Prefect is imported: the ephemeral API keeps its SQLite file in PREFECT_HOME, which must exist
     # (its longer start-up timeout is set for every flows process in flows.env).
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
+    from components.pipeline.summary import mlflow_ui
     from components.settings import get_settings
     from flows.pipeline import resolve_params, skf_train
 
@@ -303,7 +296,8 @@ def demo_command(
                 f"promotion:        {decision.get('reason', 'not attempted')}",
                 "note: the demo SKB is randomly initialised (no HRNet checkpoint offline), so the demo model "
                 "is registered as challenger and never promoted to champion.",
-                "MLflow UI:        " + _mlflow_ui(settings.mlflow_tracking_uri, reg),
+                "MLflow UI:        "
+                + mlflow_ui(settings.mlflow_tracking_uri, f"models/{reg['name']}/versions/{reg['version']}"),
                 f"enhance images:   skf enhance --model models:/{reg['name']}@challenger IN OUT",
             ]
         ),
