@@ -43,13 +43,9 @@ def free_port() -> int:
 @pytest.fixture()
 def skf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private SKF_HOME with SQLite catalog, local store and file MLflow under ``tmp_path``."""
-    home = tmp_path / "skf-home"
-    home.mkdir()
-    monkeypatch.setenv("SKF_HOME", str(home))
-    for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "SKF_WEIGHTS_URI"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", (home / "mlruns").as_uri())
-    return home
+    from tests.pipeline_fixtures import use_home
+
+    return use_home(monkeypatch, tmp_path / "skf-home")
 
 
 @pytest.fixture()

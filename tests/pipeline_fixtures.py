@@ -15,6 +15,17 @@ TINY_OVERRIDES: dict[str, Any] = {
 }
 
 
+def use_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
+    """Make ``home`` this process's SKF_HOME with everything in it (SQLite catalog, local store, file
+    MLflow): the default layout of one host. The folder is created."""
+    home.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("SKF_HOME", str(home))
+    for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "SKF_WEIGHTS_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (home / "mlruns").as_uri())
+    return home
+
+
 def tiny_params(source: Path, name: str = "tiny", **extra: Any) -> dict[str, Any]:
     """``skf-train`` parameters: the demo preset on ``source`` with a 4-step run and no validation split."""
     from components.recipes import deep_merge
@@ -26,6 +37,19 @@ def tiny_params(source: Path, name: str = "tiny", **extra: Any) -> dict[str, Any
         "registry": {"model_name": "tiny-model"},
     }
     return deep_merge(params, extra)
+
+
+def recipe_params(
+    source: Path, recipe: str, overrides: dict[str, Any], model_name: str, **training: Any
+) -> dict[str, Any]:
+    """:func:`tiny_params` training a shipped ``recipe`` (scaled by ``overrides``) with the lite HRNet SKB,
+    registered as ``model_name``."""
+    return tiny_params(
+        source,
+        training={"recipe": recipe, "overrides": overrides, **training},
+        components={"skb": "skb/hrnet-w48-lite@1"},
+        registry={"model_name": model_name},
+    )
 
 
 def make_tiny_dataset(root: Path) -> Path:

@@ -16,6 +16,16 @@ from components.skb import Priors
 SMALL_SKB = "skb/hrnet-w18-small-test@1"
 
 
+class PriorsLike:
+    """Looks like the SKB's :class:`Priors` (``logits``, a length) without being one: the networks must
+    refuse it with a TypeError naming Priors rather than read its attributes."""
+
+    logits = torch.zeros(1, 59, 16, 16)
+
+    def __len__(self) -> int:
+        return 1
+
+
 def coordinate_image(height: int, width: int, tag: int) -> np.ndarray:
     """RGB uint8 whose pixel (y, x) is (y, x, tag): a crop/flip of it says where each pixel came from."""
     assert height <= 256 and width <= 256

@@ -14,7 +14,7 @@ import torch
 
 from components.training.engine import Trainer, TrainerConfig
 from tests.engine_fixtures import ToyDataset, ToyRoutine
-from tests.pipeline_fixtures import make_tiny_dataset, tiny_params
+from tests.pipeline_fixtures import make_tiny_dataset, tiny_params, use_home
 
 
 def _toy_params(tmp_path: Path, compile_mode: str) -> dict[str, torch.Tensor]:
@@ -48,11 +48,7 @@ def test_compiled_skf_training_equals_eager(tmp_path: Path, monkeypatch: pytest.
     source = make_tiny_dataset(tmp_path / "data")
     results: dict[str, Any] = {}
     for mode in ("off", "default"):
-        home = tmp_path / mode
-        monkeypatch.setenv("SKF_HOME", str(home))
-        for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "SKF_WEIGHTS_URI"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", (home / "mlruns").as_uri())
+        home = use_home(monkeypatch, tmp_path / mode)
         training = {
             "overrides": {"train.iterations": 2, "train.ckpt_every": 2},
             "compile": mode,

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,31 +36,37 @@ from tests.serving_fixtures import stop_process
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.postgres, pytest.mark.s3]
 
 
-def _schema(url: str, admin: sa.Engine) -> Iterator[str]:
+@contextmanager
+def _schema(url: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema on ``url``'s server, as a URL that searches it; dropped afterwards."""
     name = f"m_{uuid.uuid4().hex[:10]}"
+    base = url.split("?", 1)[0]
+    admin = sa.create_engine(base)
     with admin.begin() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{name}"'))
     try:
-        base = url.split("?", 1)[0]
         yield f"{base}?options=-csearch_path%3D{name}"
     finally:
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{name}" CASCADE'))
+        admin.dispose()
 
 
 @pytest.fixture()
 def mlflow_server(tmp_path: Path, postgres_url: str, s3_env: str) -> Iterator[str]:
     """``mlflow server`` with its own PostgreSQL schema and artifacts in the S3 bucket (proxied)."""
-    admin = sa.create_engine(postgres_url.split("?", 1)[0])
-    schemas = _schema(postgres_url, admin)
-    backend = next(schemas)
+    with _schema(postgres_url) as backend:
+        yield from _serve_mlflow(tmp_path, backend, s3_env)
+
+
+def _serve_mlflow(tmp_path: Path, backend: str, bucket: str) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = (tmp_path / "mlflow-server.log").open("wb")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
-         "--artifacts-destination", f"s3://{s3_env}/mlflow-artifacts", "--serve-artifacts",
+         "--artifacts-destination", f"s3://{bucket}/mlflow-artifacts", "--serve-artifacts",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
     )  # fmt: skip
@@ -69,8 +76,6 @@ def mlflow_server(tmp_path: Path, postgres_url: str, s3_env: str) -> Iterator[st
         yield url
     finally:
         stop_process(proc)
-        next(schemas, None)
-        admin.dispose()
 
 
 @pytest.fixture()

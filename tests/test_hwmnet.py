@@ -23,11 +23,12 @@ from components.baselines.official import load_official_weights
 from components.checkpoints import StateDictMismatchError, load_checkpoint
 from models.hwmnet import HalfWaveletBlock, HWMNet, SelectiveFusion, haar_dwt, haar_iwt
 from models.se import SemanticEmbedding
+from tests.key_lists import Shape, mapping_diff, read_key_table
+from tests.priors_fixtures import PriorsLike
 
 torch.set_num_threads(1)
 
 KEYS = Path(__file__).parent / "data" / "hwmnet_keys" / "hwmnet-lol.tsv"
-Shape = tuple[int, ...]
 
 #: Parameters of the released HWMNet-96 (distinct tensors) and the state dict's element total, which
 #: counts each half wavelet block's shared PReLU slope twice (``body.1`` and ``activate``; 7 blocks).
@@ -40,34 +41,6 @@ SE_PARAMS = 204_656 + 805_022 + 3_194_060
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-def read_reference() -> dict[str, tuple[Shape, int]]:
-    """``key -> (shape, numel)`` from the TSV, in file order (comment and header lines skipped)."""
-    table: dict[str, tuple[Shape, int]] = {}
-    for line in KEYS.read_text().splitlines():
-        if not line or line.startswith("#") or line.startswith("key\t"):
-            continue
-        key, shape, numel = line.split("\t")
-        assert key not in table, f"duplicate key {key} in {KEYS.name}"
-        table[key] = (tuple(int(d) for d in shape.split("x")), int(numel))
-    return table
-
-
-def mapping_diff(ours: dict[str, Shape], released: dict[str, Shape], limit: int = 15) -> str:
-    """A readable account of where two key->shape mappings differ (empty when equal)."""
-    lines = []
-    for label, keys in (
-        ("missing in ours", sorted(released.keys() - ours.keys())),
-        ("extra in ours", sorted(ours.keys() - released.keys())),
-    ):
-        if keys:
-            lines.append(f"{len(keys)} {label}: " + ", ".join(keys[:limit]))
-    wrong = sorted(k for k in ours.keys() & released.keys() if ours[k] != released[k])
-    if wrong:
-        shown = ", ".join(f"{k} ours {ours[k]} released {released[k]}" for k in wrong[:limit])
-        lines.append(f"{len(wrong)} with another shape: {shown}")
-    return "\n".join(lines)
-
-
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -106,7 +79,7 @@ class Recorder(nn.Module):
 # Released layout and checkpoints
 # ---------------------------------------------------------------------------------------------------
 def test_keys_and_shapes_equal_the_released_layout():
-    reference = read_reference()
+    reference = read_key_table(KEYS)
     net = on_meta()
     ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     released = {k: shape for k, (shape, _) in reference.items()}
@@ -116,7 +89,7 @@ def test_keys_and_shapes_equal_the_released_layout():
 
 
 def test_parameter_count_equals_the_released_one():
-    reference = read_reference()
+    reference = read_key_table(KEYS)
     assert len(reference) == 120
     assert sum(numel for _, numel in reference.values()) == STATE_DICT_ELEMENTS
     net = on_meta()
@@ -399,12 +372,6 @@ def test_sem_contract(small):
         skf(low, priors(1, 16, 16)[:2])
     with pytest.raises(ValueError, match="sem_channels"):
         on_meta(skf=True, sem_channels=(48, 96))
-
-    class PriorsLike:
-        logits = torch.rand(1, 59, 16, 16)
-
-        def __len__(self) -> int:
-            return 1
 
     with pytest.raises(TypeError, match="Priors"):
         skf(low, PriorsLike())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_fixtures import make_tiny_dataset, tiny_params
+from pipeline_fixtures import make_tiny_dataset, recipe_params
 
 from components.baselines import get_family
 from components.checkpoints import StateDictMismatchError
@@ -31,12 +31,7 @@ def test_skf_train_runs_hwmnet_skf_on_the_demo_data(
         "scheduler": {"name": "constant", "warmup": 0},
         "train": {"iterations": 4, "batch_size": 2, "crop": 32, "val_every": 2, "ckpt_every": 2},
     }
-    params = tiny_params(
-        tiny_dataset,
-        training={"recipe": "hwmnet-skf", "overrides": overrides},
-        components={"skb": "skb/hrnet-w48-lite@1"},
-        registry={"model_name": "tiny-hwmnet"},
-    )
+    params = recipe_params(tiny_dataset, "hwmnet-skf", overrides, "tiny-hwmnet")
     result = skf_train(params=params)
     assert result["train"]["status"] == "trained" and result["train"]["steps"] == 4
     assert "test/psnr" in result["evaluate"]["metrics"] and result["register"]["status"] == "registered"

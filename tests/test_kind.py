@@ -44,6 +44,7 @@ from models.kind import (
     illumination_ratio,
 )
 from models.se import SemanticEmbedding
+from tests.priors_fixtures import PriorsLike
 
 
 def count(module: nn.Module) -> int:
@@ -277,15 +278,6 @@ def test_kindpp_se_blocks_sit_after_msia_stages_at_full_resolution() -> None:
     torch.testing.assert_close(layers["de_conv10"][0][0], se["att_block_1"][2])
 
 
-class FakePriors:
-    """Stands in for the SKB's Priors object (has ``logits``; its length is the batch size)."""
-
-    logits = torch.zeros(1, 59, 4, 4)
-
-    def __len__(self) -> int:
-        return 3
-
-
 @pytest.mark.parametrize("cls", [KinD, KinDPP])
 def test_sem_validation_as_in_snr_net(cls: type) -> None:
     x = torch.rand(1, 3, 16, 16)
@@ -294,7 +286,7 @@ def test_sem_validation_as_in_snr_net(cls: type) -> None:
     with pytest.raises(ValueError, match="skf=False"):
         cls()(x, priors(1, (16, 16)))
     with pytest.raises(TypeError, match="Priors"):
-        cls(skf=True)(x, FakePriors())
+        cls(skf=True)(x, PriorsLike())
     with pytest.raises(ValueError, match="got 2 tensors"):
         cls(skf=True)(x, priors(1, (16, 16))[:2])
     with pytest.raises(ValueError, match="B×3×H×W"):

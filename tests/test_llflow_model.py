@@ -35,10 +35,9 @@ from models.llflow import (
     squeeze2d,
     unsqueeze2d,
 )
+from tests.key_lists import Shape, mapping_diff, read_key_table
 
 KEYS_DIR = Path(__file__).parent / "data" / "llflow_keys"
-
-Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -72,15 +71,8 @@ RELEASED_UNUSED = (
 # Helpers
 # ---------------------------------------------------------------------------------------------------
 def read_reference(name: str) -> dict[str, tuple[Shape, int]]:
-    """``key -> (shape, numel)`` from ``llflow-<name>.tsv`` (comment and header lines skipped)."""
-    table: dict[str, tuple[Shape, int]] = {}
-    for line in (KEYS_DIR / f"llflow-{name}.tsv").read_text().splitlines():
-        if not line or line.startswith("#") or line.startswith("key\t"):
-            continue
-        key, shape, numel = line.split("\t")
-        assert key not in table, f"duplicate key {key} in llflow-{name}.tsv"
-        table[key] = (tuple(int(d) for d in shape.split("x")), int(numel))
-    return table
+    """``key -> (shape, numel)`` of the released ``llflow-<name>.tsv``."""
+    return read_key_table(KEYS_DIR / f"llflow-{name}.tsv")
 
 
 @functools.cache
@@ -89,22 +81,6 @@ def built_layout(variant: Variant) -> tuple[dict[str, Shape], int]:
     model = variant.build()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return shapes, sum(p.numel() for p in model.parameters())
-
-
-def mapping_diff(ours: dict[str, Shape], released: dict[str, Shape], limit: int = 15) -> str:
-    """A readable account of where two key->shape mappings differ (empty when equal)."""
-    lines = []
-    for label, keys in (
-        ("missing in ours", sorted(released.keys() - ours.keys())),
-        ("extra in ours", sorted(ours.keys() - released.keys())),
-    ):
-        if keys:
-            lines.append(f"{len(keys)} {label}: " + ", ".join(keys[:limit]))
-    wrong = sorted(k for k in ours.keys() & released.keys() if ours[k] != released[k])
-    if wrong:
-        shown = ", ".join(f"{k} ours {ours[k]} released {released[k]}" for k in wrong[:limit])
-        lines.append(f"{len(wrong)} with another shape: {shown}")
-    return "\n".join(lines)
 
 
 def random_sem(batch: int, height: int, width: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

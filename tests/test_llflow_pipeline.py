@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from pipeline_fixtures import make_tiny_dataset, tiny_params
+from pipeline_fixtures import make_tiny_dataset, recipe_params
 from torch.utils.data import Dataset
 
 from components.baselines import get_family
@@ -53,12 +53,7 @@ def test_skf_train_runs_a_tiny_llflow_s_skf_on_the_demo_data(
         **SHORT,
         "train": {"iterations": 4, "batch_size": 2, "crop": 32, "val_every": 2, "ckpt_every": 2},
     }
-    params = tiny_params(
-        tiny_dataset,
-        training={"recipe": "llflow-s-skf", "overrides": overrides},
-        components={"skb": "skb/hrnet-w48-lite@1"},
-        registry={"model_name": "tiny-llflow"},
-    )
+    params = recipe_params(tiny_dataset, "llflow-s-skf", overrides, "tiny-llflow")
     result = skf_train(params=params)
     assert result["train"]["status"] == "trained" and result["train"]["steps"] == 4
     metrics = result["evaluate"]["metrics"]

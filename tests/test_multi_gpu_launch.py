@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.pipeline_fixtures import make_tiny_dataset, tiny_params
+from tests.pipeline_fixtures import make_tiny_dataset, tiny_params, use_home
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +25,6 @@ def _plan(source: Path, gpus: int) -> Any:
 
     training = {"overrides": OVERRIDES, "val_fraction": 0.0, "gpus": gpus, "device": "cpu"}
     return SkfTrainParams.model_validate(tiny_params(source, training=training)).plan()
-
-
-def _use_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
-    monkeypatch.setenv("SKF_HOME", str(home))
-    for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "SKF_WEIGHTS_URI"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", (home / "mlruns").as_uri())
 
 
 def _state(home: Path, digest: str) -> dict[str, Any]:
@@ -62,11 +55,11 @@ def test_two_process_training_from_the_flow_stops_resumes_and_matches(
     plan = _plan(source, gpus=2)
 
     # the reference: uninterrupted, called as a job, on its own services
-    _use_home(monkeypatch, tmp_path / "reference")
+    use_home(monkeypatch, tmp_path / "reference")
     reference = run_training(ingest(str(source), name="tiny", layout="lol").ref, plan, log=lambda _m: None)
     assert reference.status == "trained" and reference.steps == 4
 
-    _use_home(monkeypatch, tmp_path / "home")
+    use_home(monkeypatch, tmp_path / "home")
     ref = ingest(str(source), name="tiny", layout="lol").ref
     with pytest.raises(TrainingInterrupted, match="stopped after step 2"):
         train_model(ref, plan, stop_after_step=2)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from pipeline_fixtures import install_work_spies, make_tiny_dataset, tiny_params
+from pipeline_fixtures import install_work_spies, make_tiny_dataset, recipe_params, use_home
 
 from components.baselines import get_family
 
@@ -29,12 +29,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _params(tiny_dataset: Path, **training: Any) -> dict[str, Any]:
-    return tiny_params(
-        tiny_dataset,
-        training={"recipe": "retinexnet-skf", "overrides": OVERRIDES, **training},
-        components={"skb": "skb/hrnet-w48-lite@1"},
-        registry={"model_name": "tiny-retinex"},
-    )
+    return recipe_params(tiny_dataset, "retinexnet-skf", OVERRIDES, "tiny-retinex", **training)
 
 
 def _final_weights(result: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -53,20 +48,11 @@ def test_a_run_stopped_in_stage_two_resumes_in_stage_two_with_the_uninterrupted_
 ) -> None:
     from flows.pipeline import skf_train
 
-    def use_home(name: str) -> Path:
-        home = tmp_path / name
-        home.mkdir()
-        monkeypatch.setenv("SKF_HOME", str(home))
-        for var in ("SKF_CATALOG_URL", "SKF_STORAGE_URI", "SKF_WEIGHTS_URI"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", (home / "mlruns").as_uri())
-        return home
-
-    use_home("whole")
+    use_home(monkeypatch, tmp_path / "whole")
     whole = skf_train(params=_params(tiny_dataset))
     assert whole["train"]["status"] == "trained" and whole["train"]["steps"] == 6
 
-    home = use_home("cut")
+    home = use_home(monkeypatch, tmp_path / "cut")
     work = install_work_spies(monkeypatch)
     with pytest.raises(Exception, match="stopped after step 5"):
         skf_train(params=_params(tiny_dataset, stop_after_step=5))  # stage 2 (steps 4-6) is 2 steps in

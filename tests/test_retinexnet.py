@@ -22,6 +22,7 @@ from components.retinex_losses import (
 )
 from models.retinexnet import DecomNet, EnhanceNet, RetinexNet, SameConv2d, _resize_to, tf_same_padding
 from models.se import SemanticEmbedding
+from tests.priors_fixtures import PriorsLike
 
 torch.set_num_threads(1)
 
@@ -215,12 +216,6 @@ def test_sem_contract(net):
         net(low, _priors(1, 16, 16))
     with pytest.raises(ValueError, match="3 tensors|got 2"):
         skf(low, _priors(1, 16, 16)[:2])
-
-    class PriorsLike:
-        logits = torch.rand(1, 59, 16, 16)
-
-        def __len__(self) -> int:
-            return 1
 
     with pytest.raises(TypeError, match="Priors"):
         skf(low, PriorsLike())
