@@ -660,6 +660,7 @@ def test_prefect_accepts_the_work_pool(prefect_harness: None, template: dict[str
 # ----------------------------------------------------------------------------- README commands and examples
 
 README = INFRA / "README.md"
+K8S_README = INFRA / "k8s" / "README.md"
 PREFECT_YAML = REPO / "prefect.yaml"
 
 
@@ -758,7 +759,11 @@ def test_deployment_run_examples_are_valid_parameters() -> None:
         ]
         deployments[f"{flow.name}/{entry['name']}"] = (flow, entry.get("parameters") or {})
 
-    sources = {"infra/README.md": README.read_text(), "prefect.yaml": prefect_yaml_header()}
+    sources = {
+        "infra/README.md": README.read_text(),
+        "infra/k8s/README.md": K8S_README.read_text(),
+        "prefect.yaml": prefect_yaml_header(),
+    }
     with_params = dict.fromkeys(sources, 0)
     for where, text in sources.items():
         for argv in deployment_run_commands(text):
@@ -777,16 +782,17 @@ def test_deployment_run_examples_are_valid_parameters() -> None:
                 SkfTrainParams.model_validate(parameters["params"])
                 missing = _leaves(defaults["params"]) - _leaves(parameters["params"])
                 assert not missing, f"{where}: {target} --params drops the deployment's {sorted(missing)}"
-    assert with_params == {"infra/README.md": 2, "prefect.yaml": 1}
+    assert with_params == {"infra/README.md": 2, "infra/k8s/README.md": 1, "prefect.yaml": 1}
 
 
-def test_every_readme_shell_block_needs_the_stack_or_names_its_test() -> None:
+@pytest.mark.parametrize("readme", [README, K8S_README], ids=["infra", "k8s"])
+def test_every_readme_shell_block_needs_the_stack_or_names_its_test(readme: Path) -> None:
     """Each shell block is marked ``# needs:`` Docker or Kubernetes, and each test it names exists."""
-    text = README.read_text()
+    text = readme.read_text()
     blocks = shell_blocks(text)
-    assert len(blocks) >= 8
+    assert len(blocks) >= (8 if readme == README else 2)
     for block in blocks:
         first = block.splitlines()[0]
-        assert re.match(r"# needs: (Docker|Kubernetes)\b", first), f"unmarked block in {README}: {first!r}"
+        assert re.match(r"# needs: (Docker|Kubernetes)\b", first), f"unmarked block in {readme}: {first!r}"
     for path, name in re.findall(r"(tests/\w+\.py)::(\w+)", text):
         assert re.search(rf"^def {name}\(", (REPO / path).read_text(), flags=re.M), f"{path}::{name}"

@@ -92,7 +92,15 @@ TrainingParams = create_model(
     "TrainingParams",
     __base__=_Params,
     **_request_fields(
-        "recipe", "overrides", "skb_mode", "skb_checkpoint", "val_fraction", "device", "gpus", "compile"
+        "recipe",
+        "overrides",
+        "skb_mode",
+        "skb_checkpoint",
+        "val_fraction",
+        "device",
+        "gpus",
+        "nodes",
+        "compile",
     ),
     stop_after_step=(int | None, Field(None, gt=0, description="Fail on purpose after this step (drills).")),
 )

@@ -68,8 +68,8 @@ def config_hash(
         "dataset_manifest": manifest_sha256,
         "val_fraction": val_fraction,
     }
-    if plan.gpus > 1:  # the recipe's batch is per process: N processes train other weights
-        payload["world_size"] = plan.gpus
+    if plan.world_size > 1:  # the recipe's batch is per process: N processes train other weights
+        payload["world_size"] = plan.world_size
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -432,7 +432,7 @@ def _train_leased(
             f"{'resuming' if resuming else 'training'} {job.plan.recipe.name} on {job.version.ref} "
             f"(config {job.digest[:12]}, MLflow run {logger.run_id}, run dir {run_dir})"
         )
-        _tell_followers({"train": True, "digest": job.digest})
+        _tell_followers({"train": True, "digest": job.digest, "resuming": resuming})
 
         def on_progress(p: Any) -> None:
             keeper.check()
@@ -493,6 +493,10 @@ def run_training(
     from components.catalog.leases import LeaseKeeper, new_holder_id
     from components.data.ingest import get_version
 
+    if plan.nodes > 1 and not _in_process_group():
+        from components.training.pytorchjob import launch_pytorchjob
+
+        return launch_pytorchjob(version_ref, plan, stop_after_step=stop_after_step, log=log)
     if plan.gpus > 1 and not _in_process_group():
         from components.training.launch import launch_distributed
 
@@ -545,12 +549,15 @@ def _tell_followers(decision: dict[str, Any]) -> None:
 
 def follow_leader(version_ref: str, plan: TrainingPlan) -> None:
     """A rank > 0 of a multi-GPU run: wait for rank 0's decision (it runs :func:`run_training`), then train
-    in lockstep with it. No catalog row, MLflow run or copies here: rank 0 keeps those."""
+    in lockstep with it, from the checkpoint rank 0 resumes (fetched from the store when this process runs
+    on another machine). No catalog row, MLflow run or copies here: rank 0 keeps those."""
     import torch.distributed as dist
 
     from components.catalog import open_catalog
     from components.data.ingest import get_version
     from components.settings import get_settings
+    from components.storage import open_storage
+    from components.training.run_mirror import RunMirror, run_key
 
     received: list[Any] = [None]
     dist.broadcast_object_list(received, src=0)
@@ -559,7 +566,10 @@ def follow_leader(version_ref: str, plan: TrainingPlan) -> None:
         return
     catalog = open_catalog()
     version = get_version(version_ref, catalog=catalog)
-    run_dir = get_settings().home / "runs" / decision["digest"][:16]
+    settings = get_settings()
+    run_dir = settings.home / "runs" / decision["digest"][:16]
+    if decision.get("resuming"):  # on another machine (a PyTorchJob pod) the checkpoints are in the store
+        RunMirror(open_storage(settings.storage_uri), run_dir, run_key(decision["digest"])).pull()
     _train_run_dir(plan, version, build_skb(plan, plan.device), catalog, run_dir)
 
 

@@ -1,5 +1,7 @@
 """Several GPUs on one host: a training with ``gpus: N`` runs as N ``torchrun`` processes (DDP).
 
+(Several hosts: :mod:`components.training.pytorchjob` runs the same ``main`` in every pod of a PyTorchJob.)
+
 :func:`launch_distributed` is what :func:`~components.training.job.run_training` does for ``plan.gpus > 1``:
 it writes the request to a temporary folder and starts ``python -m torch.distributed.run --standalone
 --nproc_per_node N -m components.training.launch ...`` in the project folder. Every process runs
@@ -53,8 +55,6 @@ def launch_distributed(
     log: Callable[[str], None] = print,
 ) -> Any:
     """Train ``plan`` with ``plan.gpus`` torchrun processes on this host; returns rank 0's TrainOutcome."""
-    from components.training.job import TrainingInterrupted, TrainOutcome
-
     with tempfile.TemporaryDirectory(prefix="skf-launch-") as tmp:
         workdir = Path(tmp)
         (workdir / "request.json").write_text(plan.request.model_dump_json())
@@ -73,15 +73,24 @@ def launch_distributed(
                 log(line)
         result_file = workdir / "outcome.json"
         result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    return outcome_from(
+        result,
+        failed=proc.returncode != 0,
+        what=f"torchrun with {plan.gpus} processes exited with status {proc.returncode}",
+        tail=tail,
+    )
+
+
+def outcome_from(result: dict[str, Any] | None, *, failed: bool, what: str, tail: list[str]) -> Any:
+    """Rank 0's TrainOutcome from its outcome file; its error, or ``what`` and the last log lines, raised."""
+    from components.training.job import TrainingInterrupted, TrainOutcome
+
     if result is not None and "error" in result:
         error = result["error"]
         kind = TrainingInterrupted if error["type"] == "TrainingInterrupted" else DistributedTrainingError
         raise kind(error["message"])
-    if proc.returncode != 0 or result is None:
-        raise DistributedTrainingError(
-            f"torchrun with {plan.gpus} processes exited with status {proc.returncode}; last lines:\n"
-            + "\n".join(tail)
-        )
+    if failed or result is None:
+        raise DistributedTrainingError(f"{what}; last lines:\n" + "\n".join(tail))
     return TrainOutcome(**result["outcome"])
 
 
@@ -95,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     from components.training.plan import TrainingRequest, plan
 
     args = _parser().parse_args(argv)
-    request = TrainingRequest.model_validate_json(Path(args.request).read_text())
+    raw = os.environ[args.request_env] if args.request_env else Path(args.request).read_text()
+    request = TrainingRequest.model_validate_json(raw)
     training_plan = plan(request)
     wants_cuda = (request.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     info = init_from_env("cuda" if wants_cuda else "cpu")
-    result_file = Path(args.outcome)
+    write_result = _result_writer(args.outcome, args.outcome_key)
     try:
         if info.is_main:
             outcome = run_training(
@@ -109,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                 stop_after_step=args.stop_after_step,
                 log=print,
             )
-            result_file.write_text(json.dumps({"outcome": outcome.to_dict()}))
+            write_result({"outcome": outcome.to_dict()})
         else:
             follow_leader(args.version, training_plan)
     except BaseException as exc:
         if info.is_main:
-            result_file.write_text(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
+            write_result({"error": {"type": type(exc).__name__, "message": str(exc)}})
         raise
     finally:
         if dist.is_initialized():
@@ -122,11 +132,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _result_writer(path: str | None, key: str | None) -> Callable[[dict[str, Any]], None]:
+    """Where rank 0 leaves its outcome: a local file (one host) or a key of SKF_STORAGE_URI (a PyTorchJob,
+    whose submitter runs on another machine)."""
+    if key is None:
+        assert path is not None
+        return lambda payload: Path(path).write_text(json.dumps(payload))
+    from components.settings import get_settings
+    from components.storage import open_storage
+
+    storage = open_storage(get_settings().storage_uri)
+    return lambda payload: storage.put_bytes(key, json.dumps(payload).encode())
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="one process of a multi-GPU training (started by torchrun)")
     ap.add_argument("--version", required=True)
-    ap.add_argument("--request", required=True)
-    ap.add_argument("--outcome", required=True)
+    request = ap.add_mutually_exclusive_group(required=True)
+    request.add_argument("--request", help="the TrainingRequest as a JSON file")
+    request.add_argument("--request-env", help="the name of a variable holding the TrainingRequest JSON")
+    outcome = ap.add_mutually_exclusive_group(required=True)
+    outcome.add_argument("--outcome", help="file rank 0 writes its outcome (or error) to")
+    outcome.add_argument("--outcome-key", help="key of SKF_STORAGE_URI rank 0 writes its outcome to")
     ap.add_argument("--stop-after-step", type=int, default=None)
     return ap
 

@@ -78,6 +78,13 @@ class TrainingRequest(BaseModel):
         description="Processes the training launches on its host with torchrun, one per GPU (DDP; the "
         "recipe's batch is per process). 1 trains in the calling process.",
     )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Machines the training spans: more than 1 submits a Kubeflow PyTorchJob of that many pods "
+        "with `gpus` processes each (infra/k8s/pytorchjob.yaml). 1 trains on the calling host.",
+    )
     compile: CompileMode = Field(
         "off",
         description="torch.compile mode for the trained networks (off, default, reduce-overhead, "
@@ -107,6 +114,15 @@ class TrainingPlan(BaseModel):
     @property
     def gpus(self) -> int:
         return self.request.gpus
+
+    @property
+    def nodes(self) -> int:
+        return self.request.nodes
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: the recipe's batch is per process."""
+        return self.request.gpus * self.request.nodes
 
     @property
     def compile(self) -> str:
