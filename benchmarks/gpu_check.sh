@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU session's one command (about 10 minutes on an H100): the CUDA correctness checks, the SKF step
 # ratios eager and compiled (DRBN, SNR-Net; every family eager), prior precompute throughput over 1,000
-# generated 400x600 images with the GPU's utilisation sampled meanwhile, and the peak GPU memory of each
-# SKF step. Results: benchmarks/results/<gpu>-<date>/ (JSON and markdown), to be recorded in
+# generated 400x600 images with the GPU's utilisation sampled meanwhile, the data-wait share of the step
+# (benchmarks/data_wait.py: the training job with the recipe's input pipeline, SNR-Net-SKF and
+# LLFlow-L-SKF), and the peak GPU memory of each SKF step. Results: benchmarks/results/<gpu>-<date>/ (JSON and markdown), to be recorded in
 # benchmarks/RESULTS.md with the card's name.
 #
 #   benchmarks/gpu_check.sh            # on the GPU machine
@@ -22,6 +23,8 @@ if ((smoke)); then
   compiled_variants=(--variants a) # inductor's C++ builds take minutes on CPU; tests/test_compile.py checks SKF
   images=2
   size=(--height 64 --width 96 --threads 1)
+  wait_recipes=snr-net-skf
+  wait_args=(--steps 4 --warmup 1 --images 4 --height 64 --width 96 --crop 32 --batch 2)
 else
   device=cuda
   card="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0).lower().replace(" ", "-"))')"
@@ -31,6 +34,8 @@ else
   compiled_variants=()
   images=1000
   size=(--height 400 --width 600)
+  wait_recipes="snr-net-skf llflow-l-skf"
+  wait_args=(--steps 60 --warmup 10 --images 64)
 fi
 out="${SKF_GPU_CHECK_OUT:-benchmarks/results/${card}-$(date -u +%F)}"
 mkdir -p "$out"
@@ -62,6 +67,12 @@ fi
   --json "$out/precompute.json"
 if ((!smoke)); then
   kill "$sampler"
+fi
+for recipe in $wait_recipes; do # data-wait share of the step with the recipe's input pipeline
+  "$PY" benchmarks/data_wait.py --device "$device" --recipe "$recipe" "${wait_args[@]}" \
+    --json "$out/data-wait-$recipe.json"
+done
+if ((!smoke)); then
   "$PY" benchmarks/gpu_memory.py --json "$out/gpu_memory.json"
 fi
 echo "[gpu_check] done: $out"

@@ -268,7 +268,7 @@ def test_memory_children_and_extrapolation_from_the_command_line(tmp_path: Path)
 @pytest.mark.slow
 def test_gpu_check_script_runs_end_to_end_in_smoke_mode(tmp_path: Path) -> None:
     """``benchmarks/gpu_check.sh --smoke``: the GPU session's command, on CPU at toy sizes, writes every
-    result file (eager and compiled step ratios, precompute throughput); what only CUDA can run it leaves out."""
+    result file (eager and compiled step ratios, precompute throughput, data wait); what only CUDA can run it leaves out."""
     out = tmp_path / "results"
     env = {**os.environ, "SKF_GPU_CHECK_OUT": str(out), "PYTHON": sys.executable}
     proc = subprocess.run(
@@ -277,6 +277,7 @@ def test_gpu_check_script_runs_end_to_end_in_smoke_mode(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
+        "data-wait-snr-net-skf.json",
         "precompute.json",
         "step-compiled.json",
         "step-compiled.md",
@@ -288,4 +289,6 @@ def test_gpu_check_script_runs_end_to_end_in_smoke_mode(tmp_path: Path) -> None:
     assert set(eager["models"]["drbn"]["variants"]) == {"a", "b", "b-nosa"}
     assert set(compiled["models"]["drbn"]["variants"]) == {"a"}  # smoke: the plain step compiled only
     assert json.loads((out / "precompute.json").read_text())
+    wait = json.loads((out / "data-wait-snr-net-skf.json").read_text())
+    assert 0.0 <= wait["data_wait_share"] <= 1.0 and wait["steps"] == 4 and wait["num_workers"] == 0
     assert "done:" in proc.stdout

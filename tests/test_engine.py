@@ -231,3 +231,81 @@ def test_ddp_two_process_gloo_gives_identical_params(tmp_path: Path) -> None:
     assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng"]) == 2
     assert not any(k.startswith("module.") for k in state["modules"]["net"])
     assert math.isfinite(float(state["modules"]["net"]["conv1.weight"].sum()))
+
+
+# ----------------------------------------------------------------------------- data loading
+class _SlowData(ToyDataset):
+    """Each sample takes ``delay`` seconds to load: the loop must show it waits."""
+
+    def __init__(self, n: int, delay: float) -> None:
+        super().__init__(n)
+        self.delay = delay
+
+    def __getitem__(self, i: int):
+        import time
+
+        time.sleep(self.delay)
+        return super().__getitem__(i)
+
+
+def test_the_loop_reports_its_data_wait(tmp_path: Path) -> None:
+    """``perf/data_wait_share`` is the share of step time spent waiting for batches: near 1 when loading
+    dominates (4 samples x 50 ms per step), small when the data is in memory."""
+    slow, fast = InMemoryLogger(), InMemoryLogger()
+    Trainer(ToyRoutine(), _config(iterations=6, log_every=3), run_dir=tmp_path / "slow", logger=slow).fit(
+        _SlowData(16, delay=0.05)
+    )
+    Trainer(ToyRoutine(), _config(iterations=6, log_every=3), run_dir=tmp_path / "fast", logger=fast).fit(
+        ToyDataset(16)
+    )
+    slow_share = [v for _, v in slow.history("perf/data_wait_share")]
+    assert [s for s, _ in slow.history("perf/data_wait_share")] == [3, 6]
+    assert all(0.7 < v <= 1.0 for v in slow_share), slow_share
+    steps = [v for _, v in slow.history("perf/step_s")]
+    assert all(v >= 4 * 0.05 for v in steps), steps  # the wait is part of the step time
+    assert max(v for _, v in fast.history("perf/data_wait_share")) < 0.7
+
+
+class _SeededData(ToyDataset):
+    """Jitter drawn from ``(epoch, index)``, as the engine asks of datasets loaded by workers."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.epoch * 1000 + i)
+        x = self.x[i] + 0.01 * torch.rand(1, generator=g)
+        return {"lq": x, "gt": toy_target(x)}
+
+
+def test_loader_workers_train_the_same_weights(tmp_path: Path) -> None:
+    """Workers are how the data arrives, not what is trained: 2 workers reach the weights of none, across
+    an epoch boundary (16 samples, batch 4, 6 steps)."""
+    results = {}
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        routine = ToyRoutine()
+        Trainer(routine, _config(iterations=6, num_workers=workers), run_dir=tmp_path / str(workers)).fit(
+            _SeededData(16)
+        )
+        results[workers] = routine.net
+    _assert_same_params(results[0], results[2])
+
+
+def test_data_workers_default_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from components.training.engine import data_workers
+
+    assert data_workers(3, torch.device("cpu")) == 3
+    assert data_workers(None, torch.device("cpu")) == 0  # workers would take the step's cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data_workers(None, torch.device("cuda", 0)) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 GPUs share the host's 32 CPUs
+    assert data_workers(None, torch.device("cuda", 0)) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert data_workers(None, torch.device("cuda", 0)) == 0

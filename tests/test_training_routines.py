@@ -130,7 +130,9 @@ def test_drbn_plain_baseline_has_no_skf_parts(tmp_path: Path) -> None:
     assert set(routine.modules()) == {"net"} and not hasattr(routine.net.recur4, "fuseblk_1")
     logger = InMemoryLogger()
     Trainer(routine, _cfg(), run_dir=tmp_path, logger=logger).fit(Pairs(4))
-    assert set(logger.metrics[-1][1]) == {"train/rec", "train/g_loss", "lr/net"}
+    assert set(logger.metrics[-1][1]) == {
+        "train/rec", "train/g_loss", "lr/net", "perf/data_wait_share", "perf/step_s"
+    }  # fmt: skip
 
 
 def test_snr_skf_cached_priors_and_sch_every_n_steps(tmp_path: Path) -> None:

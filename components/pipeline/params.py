@@ -100,6 +100,7 @@ TrainingParams = create_model(
         "device",
         "gpus",
         "nodes",
+        "num_workers",
         "compile",
     ),
     stop_after_step=(int | None, Field(None, gt=0, description="Fail on purpose after this step (drills).")),

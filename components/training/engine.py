@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,19 @@ class NonFiniteLossError(SKFError, RuntimeError):
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 
 
+def data_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader workers per training process: ``requested``, or for ``None`` none on CPU (workers would
+    take the cores the step uses) and on CUDA the CPUs this process may use, shared by the processes of
+    this host (``LOCAL_WORLD_SIZE``), one left for the step itself, at most 8."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_process - 1))
+
+
 class TrainerConfig(BaseModel):
     """Engine settings (baseline-independent); a recipe's ``train`` section maps onto these."""
 
@@ -85,7 +99,9 @@ class TrainerConfig(BaseModel):
 
     iterations: int = Field(gt=0, description="Total optimisation iterations (train_step calls).")
     batch_size: int = Field(gt=0, description="Per-process batch size.")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | None = Field(
+        0, ge=0, description="DataLoader worker processes per training process; None: auto (data_workers)."
+    )
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = True
@@ -118,6 +134,53 @@ class Progress:
     metrics: dict[str, float]
     val_metrics: dict[str, float] | None
     elapsed_s: float
+
+
+class DataWait:
+    """How much of the training loop's step time is spent waiting for the next batch.
+
+    ``batches`` times each fetch from the DataLoader; ``step_done`` closes the step that began when its
+    batch arrived (the step ends in a device sync, so this is the device's time too). ``read`` returns
+    ``perf/data_wait_share`` (waiting / (waiting + stepping)) and ``perf/step_s`` since the last read, so
+    validation and checkpoints in between count for neither.
+    """
+
+    def __init__(self) -> None:
+        self.waiting = self.stepping = 0.0
+        self.steps = 0
+        self._arrived: float | None = None
+
+    def batches(self, loader: Iterable[Batch]) -> Iterator[Batch]:
+        iterator = iter(loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self._arrived = time.perf_counter()
+            self.waiting += self._arrived - start
+            yield batch
+
+    def step_done(self) -> None:
+        if self._arrived is not None:
+            self.stepping += time.perf_counter() - self._arrived
+            self.steps += 1
+            self._arrived = None
+
+    def read(self) -> dict[str, float]:
+        total = self.waiting + self.stepping
+        out = (
+            {}
+            if not self.steps
+            else {
+                "perf/data_wait_share": self.waiting / total if total > 0 else 0.0,
+                "perf/step_s": total / self.steps,
+            }
+        )
+        self.waiting = self.stepping = 0.0
+        self.steps = 0
+        return out
 
 
 @dataclass
@@ -392,7 +455,7 @@ class Trainer:
             dataset,
             batch_size=cfg.batch_size,
             sampler=self.sampler,
-            num_workers=cfg.num_workers,
+            num_workers=data_workers(cfg.num_workers, self.device),
             drop_last=cfg.drop_last,
             pin_memory=self.device.type == "cuda",
             generator=gen,
@@ -406,6 +469,7 @@ class Trainer:
         train_metrics: dict[str, float] = dict(pos.train_metrics)
         val_metrics: dict[str, float] = dict(pos.val_metrics)
         consecutive_skips = 0
+        data_wait = DataWait()
         while pos.step < cfg.iterations:
             self.sampler.set_position(pos.epoch, pos.consumed * cfg.batch_size)
             if callable(getattr(dataset, "set_epoch", None)):  # per-epoch augmentation (seed, epoch, index)
@@ -416,7 +480,7 @@ class Trainer:
                     f"training set of {len(dataset)} samples yields no batch of {cfg.batch_size} per process "
                     f"(world size {info.world_size}, drop_last={cfg.drop_last}): lower batch_size"
                 )
-            for batch in loader:
+            for batch in data_wait.batches(loader):
                 pos.step += 1
                 pos.consumed += 1
                 ctx.step, ctx.skipped = pos.step, False
@@ -437,11 +501,12 @@ class Trainer:
                     )
                 for scheduler in self.schedulers.values():
                     scheduler.step()
+                data_wait.step_done()
                 if info.is_main and pos.step % cfg.log_every == 0:
                     lrs = {f"lr/{n}": float(o.param_groups[0]["lr"]) for n, o in self.optimizers.items()}
                     self._defer(
                         self.logger.log_metrics,
-                        {**{f"train/{k}": v for k, v in train_metrics.items()}, **lrs},
+                        {**{f"train/{k}": v for k, v in train_metrics.items()}, **lrs, **data_wait.read()},
                         pos.step,
                     )
                 # Validate before checkpointing: a checkpoint at step N promises that step N's metrics are

@@ -373,6 +373,7 @@ def _train_run_dir(
         on_checkpoint=on_checkpoint,
         device=plan.device,
         compile=plan.compile,
+        num_workers=plan.num_workers,
     )
 
 

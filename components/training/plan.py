@@ -85,6 +85,14 @@ class TrainingRequest(BaseModel):
         description="Machines the training spans: more than 1 submits a Kubeflow PyTorchJob of that many pods "
         "with `gpus` processes each (infra/k8s/pytorchjob.yaml). 1 trains on the calling host.",
     )
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="DataLoader worker processes per training process (default: none on CPU; on CUDA the "
+        "host's CPUs per process minus one, at most 8); like device, how the run executes, not what it "
+        "trains (augmentation is seeded per sample).",
+    )
     compile: CompileMode = Field(
         "off",
         description="torch.compile mode for the trained networks (off, default, reduce-overhead, "
@@ -123,6 +131,10 @@ class TrainingPlan(BaseModel):
     def world_size(self) -> int:
         """Training processes in all: the recipe's batch is per process."""
         return self.request.gpus * self.request.nodes
+
+    @property
+    def num_workers(self) -> int | None:
+        return self.request.num_workers
 
     @property
     def compile(self) -> str:

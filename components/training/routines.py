@@ -30,7 +30,14 @@ from components.errors import SKFError
 from components.recipes import OptimizerConfig, Recipe, SchedulerConfig, StageConfig
 from components.registry import create, resolved_spec
 from components.skb import Priors, needs_labels
-from components.training.engine import FitResult, Progress, Trainer, TrainerConfig, select_device
+from components.training.engine import (
+    FitResult,
+    Progress,
+    Trainer,
+    TrainerConfig,
+    data_workers,
+    select_device,
+)
 from components.training.loggers import RunLogger
 
 __all__ = [
@@ -413,13 +420,17 @@ def check_model_overrides(spec: str, model: Mapping[str, Any]) -> None:
 
 
 def priors_loader_for(routine: BaselineRoutine) -> Any:
-    """The dataset hook delivering crop-aligned cached priors, or ``None`` when the routine needs none."""
+    """The dataset hook delivering crop-aligned cached priors, or ``None`` when the routine needs none.
+
+    The maps stay in the cache's fp16 through the DataLoader, its pinned memory and the non-blocking copy
+    (half the bytes of fp32); ``_batch_priors`` widens them on the device, which is exact.
+    """
     cache = getattr(routine, "prior_cache", None)
     if not routine.skf.enabled or routine.skf.skb_mode != "cached" or cache is None:
         return None
     from components.prior_cache import PriorsLoader
 
-    return PriorsLoader.from_cache(cache)
+    return PriorsLoader.from_cache(cache, dtype=torch.float16)
 
 
 def trainer_config(recipe: Recipe, **overrides: Any) -> TrainerConfig:
@@ -534,4 +545,5 @@ def train(
     sa = getattr(routine, "sa", None)
     if sa is not None:  # what "auto" became on this run's device
         resolved["skf.sa.precision"] = sa.resolved_precision(select_device(config.device))
+    resolved["data.num_workers"] = data_workers(config.num_workers, select_device(config.device))
     return trainer.fit(train_dataset, val_loader, resume=resume, params={**resolved, **(params or {})})
