@@ -69,8 +69,10 @@ def equalize_histogram(image: Tensor) -> Tensor:
     hist.scatter_add_(2, levels, torch.ones_like(levels, dtype=torch.float64))
     cdf = hist.cumsum(-1)
     occupied = hist > 0
-    first = torch.where(occupied, cdf, torch.full_like(cdf, float(h * w) + 1)).amin(-1, keepdim=True)
-    total = float(h * w)
+    # the pixel count as the cdf's last entry (exact in float64), not float(h * w): a traced ONNX export
+    # would record the count of the traced size as a constant
+    total = cdf[..., -1:]
+    first = torch.where(occupied, cdf, total + 1).amin(-1, keepdim=True)
     # cv2 computes the scale and the LUT in float32 and rounds half to even: the same arithmetic here, so
     # exact halves land on the same level (float64 would round some of them the other way)
     scale = torch.full_like(first, 255.0, dtype=torch.float32) / (total - first).clamp_min(1.0).float()

@@ -51,7 +51,6 @@ Differences from the official code:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -59,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.padding import crop, pad_to_multiple, working_layout
+from models.padding import crop, exporting, pad_to_multiple, working_layout
 from models.se import SEFactory, SemanticEmbedding
 from models.semantics import align_priors, checked_sem
 
@@ -72,8 +71,12 @@ def tf_same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]
     The output has ⌈size / stride⌉ samples; the total padding is what that needs and, when odd, the extra
     sample goes *after* (bottom/right). For stride 1 and an odd kernel this is the symmetric k // 2.
     """
-    out = math.ceil(size / stride)
-    total = max((out - 1) * stride + kernel_size - size, 0)
+    # integer arithmetic only (no math.ceil, no max for kernel >= stride, where the total cannot be
+    # negative): under ONNX export ``size`` is a traced tensor and the padding stays symbolic
+    out = (size + stride - 1) // stride
+    total = (out - 1) * stride + kernel_size - size
+    if kernel_size < stride:
+        total = max(total, 0)
     return total // 2, total - total // 2
 
 
@@ -130,7 +133,7 @@ class DecomNet(nn.Module):
 
 def _resize_to(x: Tensor, like: Tensor) -> Tensor:
     """Nearest-neighbour resize of ``x`` to ``like``'s spatial size (``tf.image.resize_nearest_neighbor``)."""
-    if x.shape[-2:] == like.shape[-2:]:
+    if x.shape[-2:] == like.shape[-2:] and not exporting():  # exported: resize always (same size: a no-op)
         return x
     return F.interpolate(x, size=like.shape[-2:], mode="nearest")
 

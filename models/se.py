@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from models.padding import exporting
+
 FFNKind = Literal["gdfn", "dual-gated"]
 GeluKind = Literal["exact", "tanh"]
 #: Builds one SE block for a host: ``(sem_channels, channels) -> module`` taking ``(x, sem)``.
@@ -128,8 +130,11 @@ def _entry_counts(sizes: Tensor, h: int, w: int) -> Tensor:
 
 
 def _upsample_factor(host: tuple[int, int], prior: tuple[int, int]) -> int | None:
-    """The integer ``f`` with ``host == f·prior`` on both axes (nearest upsampling by ``f``), else None."""
+    """The integer ``f`` with ``host == f·prior`` on both axes (nearest upsampling by ``f``), else None.
+    Always None under ONNX export, so the exported graph resizes the prior for whatever size it is run at."""
     (h, w), (hs, ws) = host, prior
+    if exporting():  # the factor is a property of the traced size: resize in the graph
+        return None
     if hs and ws and h % hs == 0 and w % ws == 0 and h // hs == w // ws:
         return h // hs
     return None

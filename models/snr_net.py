@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.padding import crop, pad_to_multiple, working_layout
+from models.padding import crop, exporting, pad_to_multiple, working_layout
 from models.se import SEFactory, SemanticEmbedding
 from models.semantics import align_priors, checked_sem
 
@@ -277,10 +277,29 @@ class SNRNet(nn.Module):
     def _long_range(self, fea: Tensor, mask: Tensor) -> Tensor:
         """Transformer branch: 4×4 patches → tokens (attending only to high-SNR patches) → fold back."""
         p = self.patch
+        if exporting():  # the same patches as reshapes: ONNX export cannot translate fold with a traced size
+            return self._long_range_reshaped(fea, mask)
         tokens = F.unfold(fea, kernel_size=p, stride=p).transpose(1, 2)  # B×L×(C·p·p)
         keep = F.unfold(mask, kernel_size=p, stride=p).mean(dim=1) > self.mask_threshold  # B×L
         tokens = self.transformer(tokens, keep)
         return F.fold(tokens.transpose(1, 2), output_size=fea.shape[-2:], kernel_size=p, stride=p)
+
+    def _long_range_reshaped(self, fea: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`_long_range` with the non-overlapping p×p unfold/fold written as view/permute/reshape (the
+        same values in the same order, H and W being multiples of p after padding), for ONNX export."""
+        p = self.patch
+
+        def unfold(t: Tensor) -> Tensor:  # B×C×H×W -> B×(C·p·p)×L, F.unfold's channel and patch order
+            b, c, h, w = t.shape
+            t = t.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4)
+            return t.reshape(b, c * p * p, (h // p) * (w // p))
+
+        tokens = unfold(fea).transpose(1, 2)
+        keep = unfold(mask).mean(dim=1) > self.mask_threshold
+        tokens = self.transformer(tokens, keep)
+        b, c, h, w = fea.shape
+        out = tokens.transpose(1, 2).reshape(b, c, p, p, h // p, w // p).permute(0, 1, 4, 2, 5, 3)
+        return out.reshape(b, c, h, w)
 
     def _align(
         self, size: tuple[int, int], padded: Sequence[int], sem: Sequence[Tensor] | None

@@ -262,17 +262,19 @@ def test_onnx_export_matches_pytorch_in_onnxruntime(model_uri: str, snr, tmp_pat
     assert result.exit_code == 0, result.output
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
-    assert session.get_inputs()[0].shape == [1, 32, 48, 3]
-    x = torch.rand(1, 32, 48, 3)
-    (y,) = session.run(["enhanced"], {"image": x.numpy()})
-    with torch.no_grad():
-        expected = snr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    np.testing.assert_allclose(y, expected.numpy(), atol=1e-4)
+    assert session.get_inputs()[0].shape == [1, "height", "width", 3]  # any H, W (dynamic axes)
+    for size in ((32, 48), (56, 72)):  # the export size, and one never seen at export
+        x = torch.rand(1, *size, 3)
+        (y,) = session.run(["enhanced"], {"image": x.numpy()})
+        with torch.no_grad():
+            expected = snr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        np.testing.assert_allclose(y, expected.numpy(), atol=1e-4)
     # the file says which model it is and how to feed it
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["skf.spec"])["baseline"] == snr.spec.baseline
     assert meta["skf.skb_fingerprint"] == (snr.spec.skb_fingerprint or "none")
-    assert (meta["skf.input_layout"], meta["skf.input_shape"]) == ("NHWC", "1x32x48x3")
+    assert (meta["skf.input_layout"], meta["skf.input_shape"]) == ("NHWC", "1xHxWx3")
+    assert (meta["skf.dynamic_shape"], meta["skf.dynamic_axes"]) == ("true", "height, width")
     assert meta["skf.input_range"] == "float32 RGB in [0, 1]"
 
 

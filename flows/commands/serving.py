@@ -112,12 +112,16 @@ def export_command(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     fmt: str = typer.Option(..., "--format", "-f", help="torchscript or onnx."),
     out: Path = typer.Argument(..., metavar="OUT", help="File to write (.pt for TorchScript, .onnx)."),
-    height: int = typer.Option(400, help="Input height the graph is traced for (fixed)."),
-    width: int = typer.Option(600, help="Input width the graph is traced for (fixed)."),
-    batch: int = typer.Option(1, help="Batch size the graph is traced for (fixed)."),
+    height: int = typer.Option(
+        400, help="Input height: TorchScript's fixed size; for ONNX the size it is checked at (any H works)."
+    ),
+    width: int = typer.Option(
+        600, help="Input width: TorchScript's fixed size; for ONNX the size it is checked at (any W works)."
+    ),
+    batch: int = typer.Option(1, help="Batch size the graph is exported for (fixed)."),
     layout: str = typer.Option("nchw", help="nchw (B,3,H,W) or nhwc (B,H,W,3, as the pyfunc model takes)."),
 ) -> None:
-    """Export enhancer + SKB as one traced graph for a fixed (batch, 3, height, width) input."""
+    """Export enhancer + SKB as one graph: ONNX with dynamic height and width, TorchScript for one size."""
     from components.export import FORMATS, LAYOUTS, export_enhancer
     from components.serving import load_enhancer
 
@@ -127,8 +131,17 @@ def export_command(
         raise typer.BadParameter(f"expected one of {', '.join(LAYOUTS)}", param_hint="--layout")
     enhancer = load_enhancer(model, device="cpu")
     path = export_enhancer(enhancer, out, fmt, height=height, width=width, batch=batch, layout=layout)  # type: ignore[arg-type]
-    shape = (batch, height, width, 3) if layout == "nhwc" else (batch, 3, height, width)
-    typer.echo(f"exported {fmt} for input {shape} ({layout.upper()}) to {path}")
+    if fmt == "onnx":
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        shape = meta["skf.input_shape"].replace("x", ", ")
+        if meta.get("skf.dynamic_shape") == "true":
+            shape += f"; H, W >= {meta['skf.min_side']}"
+    else:
+        dims = (batch, height, width, 3) if layout == "nhwc" else (batch, 3, height, width)
+        shape = ", ".join(map(str, dims))
+    typer.echo(f"exported {fmt} for input ({shape}) ({layout.upper()}) to {path}")
 
 
 def promote_command(
