@@ -61,10 +61,19 @@ class Stack:
         return done.stdout + done.stderr
 
     def run_deployment(self, params: dict[str, Any]) -> str:
-        out = self.cli("deployment", "run", "skf-train/demo", "--params", json.dumps({"params": params}))
+        """``skf-train/demo`` with ``params``; returns the flow run's id."""
+        return self.run_named("skf-train/demo", {"params": params})
+
+    def run_named(self, deployment: str, parameters: dict[str, Any]) -> str:
+        """``prefect deployment run <deployment> --params <parameters>``; returns the flow run's id."""
+        out = self.cli("deployment", "run", deployment, "--params", json.dumps(parameters))
         match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
         assert match, out
         return match.group(1)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        """A filter query of the API (``/logs/filter``, ``/flow_runs/filter``, ...)."""
+        return httpx.post(f"{self.api}/{path}", json=body, timeout=10).json()
 
     def wait(self, flow_run_id: str, timeout: float = RUN_TIMEOUT_S) -> str:
         deadline = time.monotonic() + timeout

@@ -10,7 +10,12 @@ PostgreSQL and the data store on S3 (moto). One test walks what a team meets:
    metric step logged once;
 3. the summary names the version that holds the challenger alias as challenger, and links the server's run
    and model pages; flow runs are named after what they train;
-4. a missing SKB checkpoint fails the run before anything is ingested.
+4. a missing SKB checkpoint fails the run before anything is ingested;
+5. what a user must see reaches the Prefect API: the project's warnings (random-init SKB) in the flow run's
+   logs, stages that found their work done in ``Skipped`` states with the reason, the evaluation's sample
+   grid as an image artifact;
+6. ``skf-retrain/nightly`` on new data ingests once and says which version it trained on; rerun on the
+   same data it ends "nothing new".
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ def fleet(
     with prefect_server(env, logs) as stack:
         stack.cli("work-pool", "create", "gpu", "--type", "process")
         stack.cli("--no-prompt", "deploy", "--name", "demo", "--pool", "gpu")
+        stack.cli("--no-prompt", "deploy", "--name", "nightly", "--pool", "gpu")
         yield stack, shared
 
 
@@ -130,6 +136,50 @@ def _wait(stack: Stack, *flow_run_ids: str) -> list[str]:
 
 def _worker_logs(stack: Stack) -> str:
     return "\n".join(p.read_text()[-4000:] for p in sorted(stack.logs.glob("host-*.log")))
+
+
+def _children(stack: Stack, flow_run_id: str) -> list[dict[str, Any]]:
+    return stack.post("flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}})
+
+
+def _check_the_ui_sees_it(stack: Stack, *, trained: str, repeated: str) -> None:
+    """Item 5 on the two-worker stack: warnings, skipped states and the sample grid, read from the API."""
+    ids = [trained, *(c["id"] for c in _children(stack, trained))]
+    logs = stack.post("logs/filter", {"logs": {"flow_run_id": {"any_": ids}, "level": {"ge_": 30}}})
+    messages = [entry["message"] for entry in logs]
+    assert any("NO checkpoint" in m and "randomly initialised" in m for m in messages), messages[:5]
+    skipped = {c["name"]: c["state"] for c in _children(stack, repeated) if c["state"]["name"] == "Skipped"}
+    assert len(skipped) >= 3, [(c["name"], c["state"]["name"]) for c in _children(stack, repeated)]
+    assert all(state["type"] == "COMPLETED" and state["message"] for state in skipped.values()), skipped
+    grids = stack.post(
+        "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": ids}, "type": {"any_": ["image"]}}}
+    )
+    assert grids and all(g["key"].endswith("-grid") for g in grids), grids
+
+
+def _check_retrain_ingests_once(stack: Stack, data: Path) -> None:
+    """Item 6: ``skf-retrain/nightly`` on a data prefix it has not seen, then again on the same data."""
+    train_params = {k: v for k, v in tiny_params(data, name="fleet", training={"overrides": {"train.seed": 1}}).items()
+                    if k not in ("preset", "dataset")}  # fmt: skip
+    parameters = {"data_prefix": str(data), "dataset_name": "fleet-nightly", "layout": "lol", "preset": "demo",
+                  "params": train_params}  # fmt: skip
+    first = stack.run_named("skf-retrain/nightly", parameters)
+    assert _wait(stack, first) == ["COMPLETED"], _worker_logs(stack)
+    tree = [first, *(c["id"] for c in _children(stack, first))]
+    body = {"flow_runs": {"id": {"any_": tree}}, "task_runs": {"name": {"like_": "ingest-source"}}}
+    assert len(stack.post("task_runs/filter", body)) == 1  # skf-train's stages reuse what it ingested
+    body = {"artifacts": {"flow_run_id": {"any_": [first]}, "type": {"any_": ["markdown"]}}}
+    (summary,) = [
+        a["data"] for a in stack.post("artifacts/filter", body) if a["key"].startswith("skf-retrain-")
+    ]
+    assert "New version `fleet-nightly@1`" in summary and "unchanged" not in summary.lower(), summary
+    again = stack.run_named("skf-retrain/nightly", parameters)
+    assert _wait(stack, again) == ["COMPLETED"]
+    body["artifacts"]["flow_run_id"]["any_"] = [again]
+    (summary,) = [
+        a["data"] for a in stack.post("artifacts/filter", body) if a["key"].startswith("skf-retrain-")
+    ]
+    assert "nothing new" in summary and "fleet-nightly@1" in summary, summary
 
 
 def test_two_hosts_train_at_once_and_resume_each_others_runs(
@@ -162,6 +212,8 @@ def test_two_hosts_train_at_once_and_resume_each_others_runs(
         summary = stack.summary(again)
         assert "0 computed, 12 cached, 0 failed, 0 SKB forward passes" in summary
         assert "Training**: skipped" in summary and "Evaluation** (skipped" in summary
+        _check_the_ui_sees_it(stack, trained=runs[0], repeated=again)
+        _check_retrain_ingests_once(stack, data)
 
         # 2. stopped on host A after its step-2 checkpoint ...
         stop(workers.pop("b"), signal.SIGINT)
