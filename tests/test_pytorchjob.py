@@ -209,38 +209,60 @@ def _services() -> dict[str, str]:
     }
 
 
-def test_no_cluster_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _ingested(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, str]:
+    """A two-node plan and the version it trains on, ingested into a fresh home."""
+    from components.data.ingest import ingest
+
     use_home(monkeypatch, tmp_path / "home")
+    source = make_tiny_dataset(tmp_path / "data")
+    return _plan(source, nodes=2), ingest(str(source), name="tiny", layout="lol").ref
+
+
+def test_no_cluster_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, ref = _ingested(tmp_path, monkeypatch)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    plan = _plan(make_tiny_dataset(tmp_path / "data"), nodes=2)
     with pytest.raises(PyTorchJobError, match="no cluster is configured: run the flow in the cluster"):
-        launch_pytorchjob("tiny@1", plan, log=lambda _m: None)
+        launch_pytorchjob(ref, plan, log=lambda _m: None)
+
+
+def test_an_unknown_version_fails_before_anything_is_submitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from components.data.ingest import DatasetNotFoundError
+
+    plan, _ref = _ingested(tmp_path, monkeypatch)
+    with fake_cluster(tmp_path / "pods", {"skf-runtime": _services()}) as cluster:
+        _cluster_env(monkeypatch, cluster, tmp_path)
+        with pytest.raises(DatasetNotFoundError, match="never-ingested"):
+            launch_pytorchjob("never-ingested@1", plan, log=lambda _m: None)
+        assert cluster.submitted == []
 
 
 def test_a_cluster_without_the_operator_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    use_home(monkeypatch, tmp_path / "home")
-    plan = _plan(make_tiny_dataset(tmp_path / "data"), nodes=2)
+    plan, ref = _ingested(tmp_path, monkeypatch)
     with fake_cluster(tmp_path / "pods", {}, crd_installed=False) as cluster:
         _cluster_env(monkeypatch, cluster, tmp_path)
         with pytest.raises(PyTorchJobError, match="404.*Kubeflow Training Operator installed"):
-            launch_pytorchjob("tiny@1", plan, log=lambda _m: None)
+            launch_pytorchjob(ref, plan, log=lambda _m: None)
 
 
 def test_a_failed_pod_fails_the_run_with_rank_0s_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The cluster's Secret points the pods at another (empty) catalog: rank 0 cannot find the version, its
+    error reaches the submitter, and the job ends Failed."""
     from components.training.launch import DistributedTrainingError
 
-    use_home(monkeypatch, tmp_path / "home")
-    plan = _plan(make_tiny_dataset(tmp_path / "data"), nodes=2)
+    plan, ref = _ingested(tmp_path, monkeypatch)
+    wrong = {**_services(), "SKF_CATALOG_URL": f"sqlite:///{tmp_path / 'other-catalog.db'}"}
     lines: list[str] = []
-    with fake_cluster(tmp_path / "pods", {"skf-runtime": _services()}) as cluster:
+    with fake_cluster(tmp_path / "pods", {"skf-runtime": wrong}) as cluster:
         _cluster_env(monkeypatch, cluster, tmp_path)
-        with pytest.raises(DistributedTrainingError, match="unknown dataset version|not found|no dataset"):
-            launch_pytorchjob("never-ingested@1", plan, log=lines.append)
+        with pytest.raises(DistributedTrainingError, match="tiny"):
+            launch_pytorchjob(ref, plan, log=lines.append)
         (job,) = cluster.jobs.values()
     assert job.state()[0] == "Failed"
     assert any("PyTorchJob skf/" in line and "Failed" in line for line in lines)
@@ -249,16 +271,15 @@ def test_a_failed_pod_fails_the_run_with_rank_0s_error(
 def test_a_missing_secret_and_a_timeout_end_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from components.training.launch import DistributedTrainingError
 
-    use_home(monkeypatch, tmp_path / "home")
-    plan = _plan(make_tiny_dataset(tmp_path / "data"), nodes=2)
+    plan, ref = _ingested(tmp_path, monkeypatch)
     with fake_cluster(tmp_path / "pods", {}) as cluster:
         _cluster_env(monkeypatch, cluster, tmp_path)
         with pytest.raises(DistributedTrainingError, match="secret 'skf-runtime' not found"):
-            launch_pytorchjob("tiny@1", plan, log=lambda _m: None)
+            launch_pytorchjob(ref, plan, log=lambda _m: None)
     with fake_cluster(tmp_path / "pods-2", {"skf-runtime": _services()}) as cluster:
         _cluster_env(monkeypatch, cluster, tmp_path, SKF_PYTORCHJOB_TIMEOUT_S="1")
         with pytest.raises(PyTorchJobError, match="did not finish within 1 s; it was deleted"):
-            launch_pytorchjob("tiny@1", plan, log=lambda _m: None)
+            launch_pytorchjob(ref, plan, log=lambda _m: None)
         (job,) = cluster.jobs.values()
         assert job.deleted and all(pod.process.wait(timeout=30) is not None for pod in job.pods)
 

@@ -267,10 +267,12 @@ def launch_pytorchjob(
     settings: KubeLaunchSettings | None = None,
 ) -> Any:
     """Train ``plan`` on ``plan.nodes`` pods of ``plan.gpus`` processes each; returns rank 0's TrainOutcome."""
+    from components.data.ingest import get_version
     from components.settings import get_settings
     from components.storage import open_storage
     from components.training.launch import outcome_from
 
+    get_version(version_ref)  # an unknown version fails here, not after the cluster has scheduled the pods
     settings = settings or KubeLaunchSettings.from_env()
     name = job_name(plan.recipe.name)
     outcome_key = f"launches/{name}/outcome.json"
