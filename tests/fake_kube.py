@@ -189,23 +189,25 @@ class FakeCluster:
                 if log_match is not None:
                     self._pod_log(log_match.group(2))
                     return
+                job = self._job()
+                if job is not None:
+                    with cluster.lock:
+                        self._send(200, {**job.manifest, "status": job.status()})
+
+            def _job(self) -> FakeJob | None:
+                """The job the URL names, or None once a 404 is sent."""
                 route = self._route()
                 if route is None:
-                    return
+                    return None
                 job = cluster.jobs.get(route[1] or "")
                 if job is None or job.deleted:
                     self._status(404, "NotFound", f"pytorchjobs {route[1]!r} not found")
-                    return
-                with cluster.lock:
-                    self._send(200, {**job.manifest, "status": job.status()})
+                    return None
+                return job
 
             def do_DELETE(self) -> None:
-                route = self._route()
-                if route is None:
-                    return
-                job = cluster.jobs.get(route[1] or "")
-                if job is None or job.deleted:
-                    self._status(404, "NotFound", f"pytorchjobs {route[1]!r} not found")
+                job = self._job()
+                if job is None:
                     return
                 job.deleted = True
                 for pod in job.pods:

@@ -26,6 +26,36 @@ def use_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
     return home
 
 
+def train_reference(monkeypatch: pytest.MonkeyPatch, home: Path, source: Path, plan: Any) -> Any:
+    """An uninterrupted run of ``plan`` on ``source`` (ingested as ``tiny``), called as a job on ``home``'s
+    own services: the weights a stopped-and-resumed or distributed run must reach."""
+    from components.data.ingest import ingest
+    from components.training.job import run_training
+
+    use_home(monkeypatch, home)
+    outcome = run_training(ingest(str(source), name="tiny", layout="lol").ref, plan, log=lambda _m: None)
+    assert outcome.status == "trained", outcome
+    return outcome
+
+
+def latest_state(home: Path, config_hash: str) -> dict[str, Any]:
+    """The ``latest.pt`` training state of the run ``config_hash`` under an SKF_HOME."""
+    import torch
+
+    path = home / "runs" / config_hash[:16] / "checkpoints" / "latest.pt"
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_weights(got: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Two training states hold bit-equal weights for every module."""
+    import torch
+
+    assert got["modules"].keys() == expected["modules"].keys()
+    for name, weights in expected["modules"].items():
+        for key, value in weights.items():
+            torch.testing.assert_close(got["modules"][name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+
+
 def tiny_params(source: Path, name: str = "tiny", **extra: Any) -> dict[str, Any]:
     """``skf-train`` parameters: the demo preset on ``source`` with a 4-step run and no validation split."""
     from components.recipes import deep_merge

@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 import torch
 
-from tests.pipeline_fixtures import make_tiny_dataset, tiny_params, use_home
+from tests.pipeline_fixtures import (
+    assert_same_weights,
+    latest_state,
+    make_tiny_dataset,
+    tiny_params,
+    use_home,
+)
 
 OVERRIDES = {"train": {"iterations": 4, "batch_size": 2, "crop": 32, "ckpt_every": 4, "val_every": 4}}
 
@@ -67,13 +73,9 @@ def test_loader_workers_train_the_same_weights_and_the_wait_is_logged(
             _plan(source, num_workers=workers),
             log=lambda _m: None,
         )
-        states[workers] = torch.load(
-            home / "runs" / outcome.config_hash[:16] / "checkpoints" / "latest.pt", weights_only=True
-        )
+        states[workers] = latest_state(home, outcome.config_hash)
         runs[workers] = MlflowClient((home / "mlruns").as_uri()).get_run(outcome.run_id)
-    for name, weights in states[0]["modules"].items():
-        for key, value in weights.items():
-            torch.testing.assert_close(states[2]["modules"][name][key], value, rtol=0, atol=0)
+    assert_same_weights(states[2], states[0])
     for workers, run in runs.items():
         assert run.data.params["data.num_workers"] == str(workers)
         assert 0.0 <= run.data.metrics["perf/data_wait_share"] <= 1.0

@@ -27,6 +27,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.k8s_schemas import WORK_POOL_JOB_SCHEMA
+
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 COMPOSE = INFRA / "compose.yaml"
@@ -455,91 +457,6 @@ def render(template: dict[str, Any], **values: Any) -> dict[str, Any]:
     )
 
 
-# Shape of a batch/v1 Job as the worker submits it (the fields this template sets).
-_QUANTITY = {"type": ["string", "integer"]}
-JOB_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "batch/v1"},
-        "kind": {"const": "Job"},
-        "metadata": {
-            "type": "object",
-            "required": ["generateName", "namespace"],
-            "properties": {
-                "generateName": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?-$"},
-                "namespace": {"type": "string", "minLength": 1},
-                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            },
-        },
-        "spec": {
-            "type": "object",
-            "required": ["template"],
-            "properties": {
-                "backoffLimit": {"type": "integer", "minimum": 0},
-                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                "template": {
-                    "type": "object",
-                    "required": ["spec"],
-                    "properties": {
-                        "spec": {
-                            "type": "object",
-                            "required": ["containers", "restartPolicy"],
-                            "properties": {
-                                "restartPolicy": {"enum": ["Never", "OnFailure"]},
-                                "nodeSelector": {
-                                    "type": "object",
-                                    "additionalProperties": {"type": "string"},
-                                },
-                                "tolerations": {"type": "array", "items": {"type": "object"}},
-                                "securityContext": {
-                                    "type": "object",
-                                    "properties": {"runAsNonRoot": {"const": True}},
-                                    "required": ["runAsNonRoot"],
-                                },
-                                "volumes": {
-                                    "type": "array",
-                                    "items": {"type": "object", "required": ["name"]},
-                                },
-                                "containers": {
-                                    "type": "array",
-                                    "minItems": 1,
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["name", "image", "resources"],
-                                        "properties": {
-                                            "name": {"type": "string"},
-                                            "image": {"type": "string", "minLength": 1},
-                                            "args": {"type": "string"},  # the worker shlex-splits it
-                                            "env": {"type": "object"},  # the worker turns it into a list
-                                            "envFrom": {"type": "array", "items": {"type": "object"}},
-                                            "resources": {
-                                                "type": "object",
-                                                "properties": {
-                                                    "limits": {
-                                                        "type": "object",
-                                                        "additionalProperties": _QUANTITY,
-                                                    },
-                                                    "requests": {
-                                                        "type": "object",
-                                                        "additionalProperties": _QUANTITY,
-                                                    },
-                                                },
-                                            },
-                                        },
-                                    },
-                                },
-                            },
-                        }
-                    },
-                },
-            },
-        },
-    },
-}
-
-
 def test_template_variables_are_a_valid_json_schema(template: dict[str, Any]) -> None:
     assert set(template) == {"job_configuration", "variables"}
     schema = template["variables"]
@@ -586,7 +503,7 @@ def test_template_renders_a_gpu_job(template: dict[str, Any]) -> None:
     config = render(template)
     assert "{{" not in json.dumps(config)
     manifest = config["job_manifest"]
-    jsonschema.validate(manifest, JOB_SCHEMA)
+    jsonschema.validate(manifest, WORK_POOL_JOB_SCHEMA)
     pod = manifest["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["resources"]["limits"] == {
@@ -618,7 +535,7 @@ def test_template_job_variables_override(template: dict[str, Any]) -> None:
         job_timeout_seconds=86400,
     )
     manifest = config["job_manifest"]
-    jsonschema.validate(manifest, JOB_SCHEMA)
+    jsonschema.validate(manifest, WORK_POOL_JOB_SCHEMA)
     pod = manifest["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4

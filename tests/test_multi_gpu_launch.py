@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from tests.pipeline_fixtures import make_tiny_dataset, tiny_params, use_home
+from tests.pipeline_fixtures import (
+    assert_same_weights,
+    latest_state,
+    make_tiny_dataset,
+    tiny_params,
+    train_reference,
+    use_home,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +31,6 @@ def _plan(source: Path, gpus: int) -> Any:
 
     training = {"overrides": OVERRIDES, "val_fraction": 0.0, "gpus": gpus, "device": "cpu"}
     return SkfTrainParams.model_validate(tiny_params(source, training=training)).plan()
-
-
-def _state(home: Path, digest: str) -> dict[str, Any]:
-    return torch.load(home / "runs" / digest[:16] / "checkpoints" / "latest.pt", weights_only=True)
 
 
 def test_config_hash_counts_the_processes(tmp_path: Path) -> None:
@@ -48,16 +50,15 @@ def test_two_process_training_from_the_flow_stops_resumes_and_matches(
     from mlflow import MlflowClient
 
     from components.data.ingest import ingest
-    from components.training.job import TrainingInterrupted, run_training
+    from components.training.job import TrainingInterrupted
     from flows.train import train_model
 
     source = make_tiny_dataset(tmp_path / "data")
     plan = _plan(source, gpus=2)
 
     # the reference: uninterrupted, called as a job, on its own services
-    use_home(monkeypatch, tmp_path / "reference")
-    reference = run_training(ingest(str(source), name="tiny", layout="lol").ref, plan, log=lambda _m: None)
-    assert reference.status == "trained" and reference.steps == 4
+    reference = train_reference(monkeypatch, tmp_path / "reference", source, plan)
+    assert reference.steps == 4
 
     use_home(monkeypatch, tmp_path / "home")
     ref = ingest(str(source), name="tiny", layout="lol").ref
@@ -76,11 +77,6 @@ def test_two_process_training_from_the_flow_stops_resumes_and_matches(
     steps = [m.step for m in client.get_metric_history(resumed["run_id"], "train/loss")]
     assert sorted(steps) == [1, 2, 3, 4]
 
-    got, expected = (
-        _state(tmp_path / "home", reference.config_hash),
-        _state(tmp_path / "reference", reference.config_hash),
-    )
+    got = latest_state(tmp_path / "home", reference.config_hash)
     assert got["world_size"] == 2 and len(got["rng"]) == 2
-    for name, weights in expected["modules"].items():
-        for key, value in weights.items():
-            torch.testing.assert_close(got["modules"][name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    assert_same_weights(got, latest_state(tmp_path / "reference", reference.config_hash))

@@ -18,7 +18,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-import torch
 import yaml
 
 from components.errors import UserInputError
@@ -35,7 +34,14 @@ from components.training.pytorchjob import (
 )
 from tests.fake_kube import fake_cluster
 from tests.k8s_schemas import PYTORCHJOB_SCHEMA, unknown_pod_fields
-from tests.pipeline_fixtures import make_tiny_dataset, tiny_params, use_home
+from tests.pipeline_fixtures import (
+    assert_same_weights,
+    latest_state,
+    make_tiny_dataset,
+    tiny_params,
+    train_reference,
+    use_home,
+)
 
 RBAC = DEFAULT_TEMPLATE.parent / "pytorchjob-rbac.yaml"
 OVERRIDES = {"train": {"iterations": 4, "batch_size": 2, "crop": 32, "ckpt_every": 2, "val_every": 2}}
@@ -291,18 +297,15 @@ def test_two_node_training_from_the_flow_stops_resumes_and_matches(
     from mlflow import MlflowClient
 
     from components.data.ingest import ingest
-    from components.training.job import TrainingInterrupted, run_training
+    from components.training.job import TrainingInterrupted
     from flows.train import train_model
 
     source = make_tiny_dataset(tmp_path / "data")
     plan = _plan(source, nodes=2)
 
     # the reference: one host, two processes (same world size), on its own services
-    use_home(monkeypatch, tmp_path / "reference")
-    reference = run_training(
-        ingest(str(source), name="tiny", layout="lol").ref, _plan(source, gpus=2), log=lambda _m: None
-    )
-    assert reference.status == "trained" and reference.steps == 4
+    reference = train_reference(monkeypatch, tmp_path / "reference", source, _plan(source, gpus=2))
+    assert reference.steps == 4
 
     home = use_home(monkeypatch, tmp_path / "submitter")
     ref = ingest(str(source), name="tiny", layout="lol").ref
@@ -343,13 +346,6 @@ def test_two_node_training_from_the_flow_stops_resumes_and_matches(
     assert len(client.search_runs([experiment.experiment_id])) == 1
     assert sorted(m.step for m in client.get_metric_history(resumed["run_id"], "train/loss")) == [1, 2, 3, 4]
 
-    master_run = cluster.pod_home(second_name, "Master", 0) / "runs" / reference.config_hash[:16]
-    got = torch.load(master_run / "checkpoints" / "latest.pt", weights_only=True)
-    expected = torch.load(
-        tmp_path / "reference" / "runs" / reference.config_hash[:16] / "checkpoints" / "latest.pt",
-        weights_only=True,
-    )
-    assert got["step"] == expected["step"] == 4 and got["world_size"] == 2
-    for name, weights in expected["modules"].items():
-        for key, value in weights.items():
-            torch.testing.assert_close(got["modules"][name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    got = latest_state(cluster.pod_home(second_name, "Master", 0), reference.config_hash)
+    assert got["step"] == 4 and got["world_size"] == 2
+    assert_same_weights(got, latest_state(tmp_path / "reference", reference.config_hash))
