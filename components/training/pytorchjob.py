@@ -267,6 +267,8 @@ def launch_pytorchjob(
     settings: KubeLaunchSettings | None = None,
 ) -> Any:
     """Train ``plan`` on ``plan.nodes`` pods of ``plan.gpus`` processes each; returns rank 0's TrainOutcome."""
+    from kubernetes.client.exceptions import ApiException
+
     from components.data.ingest import get_version
     from components.settings import get_settings
     from components.storage import open_storage
@@ -288,8 +290,6 @@ def launch_pytorchjob(
     )
     api, core = _kube_api()
     log(f"submitting PyTorchJob {settings.namespace}/{name}: {plan.nodes} nodes x {plan.gpus} processes")
-    from kubernetes.client.exceptions import ApiException
-
     try:
         api.create_namespaced_custom_object(GROUP, VERSION, settings.namespace, PLURAL, manifest)
     except ApiException as exc:
@@ -302,8 +302,10 @@ def launch_pytorchjob(
     tail = _master_log_tail(core, name, settings.namespace)
     for line in tail:
         log(line)
-    storage = open_storage(get_settings().storage_uri)
-    result = json.loads(storage.get_bytes(outcome_key)) if storage.exists(outcome_key) else None
+    try:  # absent when rank 0 never got to write it (a pod that did not start, a crash)
+        result = json.loads(open_storage(get_settings().storage_uri).get_bytes(outcome_key))
+    except FileNotFoundError:
+        result = None
     return outcome_from(
         result,
         failed=state != "Succeeded",

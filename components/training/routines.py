@@ -542,8 +542,9 @@ def train(
         routine, config, run_dir=run_dir, logger=logger, progress=progress, on_checkpoint=on_checkpoint
     )
     resolved = run_params(routine)
+    device = select_device(config.device)
     sa = getattr(routine, "sa", None)
     if sa is not None:  # what "auto" became on this run's device
-        resolved["skf.sa.precision"] = sa.resolved_precision(select_device(config.device))
-    resolved["data.num_workers"] = data_workers(config.num_workers, select_device(config.device))
+        resolved["skf.sa.precision"] = sa.resolved_precision(device)
+    resolved["data.num_workers"] = data_workers(config.num_workers, device)
     return trainer.fit(train_dataset, val_loader, resume=resume, params={**resolved, **(params or {})})
