@@ -157,11 +157,14 @@ def smoke_plan(
     extra: Mapping[str, Any] | None = None,
 ) -> Any:
     """The plan of ``family``'s smallest network at ``budget``: plain without ``skb``, else its SKF recipe
-    on cached priors of the low-light input with the chosen modules (SA only where the family has it)."""
+    on cached priors of the low-light input with the chosen modules (SA only where the family has it).
+    A staged family's final stage trains ``budget.steps``; its earlier stages add theirs
+    (``family.smoke_stage_steps``)."""
     from components.training.plan import plan
 
     overrides = {
         **budget.overrides(),
+        **family.smoke_steps(budget.steps),
         **{f"model.{k}": v for k, v in family.smoke_model.items()},
         **family.smoke_recipe,
     }

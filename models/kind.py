@@ -321,13 +321,13 @@ class _PoolUpsample(nn.Module):
     and one, level 1 a 3×3 conv and no resampling.
     """
 
-    def __init__(self, channels: int, level: int) -> None:
+    def __init__(self, channels: int, level: int, bn_momentum: float = 0.01) -> None:
         super().__init__()
         if level not in (1, 2, 4):
             raise ValueError(f"MSIA levels are 1, 2 and 4, got {level}")
         self.level = level
         self.pu_conv = _conv(channels, channels, 1 if level == 4 else 3)
-        self.bn = nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+        self.bn = nn.BatchNorm2d(channels, eps=1e-3, momentum=bn_momentum)
         if level == 4:
             self.conv_up_1 = nn.ConvTranspose2d(channels, channels, 2, 2)
         if level > 1:
@@ -353,12 +353,12 @@ class MSIA(nn.Module):
     H and W must be multiples of 4.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, bn_momentum: float = 0.01) -> None:
         super().__init__()
         self.attention = _conv(1, 1, 3, bias=False)
-        self.pu1 = _PoolUpsample(channels, 1)
-        self.pu2 = _PoolUpsample(channels, 2)
-        self.pu4 = _PoolUpsample(channels, 4)
+        self.pu1 = _PoolUpsample(channels, 1, bn_momentum)
+        self.pu2 = _PoolUpsample(channels, 2, bn_momentum)
+        self.pu4 = _PoolUpsample(channels, 4, bn_momentum)
         self.multi_scale_feature = _conv(4 * channels, channels, 1)
 
     def forward(self, x: Tensor, i: Tensor) -> Tensor:
@@ -387,22 +387,23 @@ class KinDPPRestorationNet(nn.Module):
         skf: bool = False,
         sem_channels: Sequence[int] = (48, 96, 192),
         se_factory: SEFactory | None = None,
+        bn_momentum: float = 0.01,
     ) -> None:
         super().__init__()
         self.skf = skf
         c = channels
         self.de_conv1_1 = _conv(3, c)
         self.de_conv1_2 = _conv(c, 2 * c)
-        self.msia_1 = MSIA(2 * c)
+        self.msia_1 = MSIA(2 * c, bn_momentum)
         self.de_conv2_1 = _conv(2 * c, 4 * c)
         self.de_conv2_2 = _conv(4 * c, 8 * c)
-        self.msia_2 = MSIA(8 * c)
+        self.msia_2 = MSIA(8 * c, bn_momentum)
         self.de_conv3_1 = _conv(8 * c, 16 * c)
         self.de_conv3_2 = _conv(16 * c, 8 * c)
-        self.msia_3 = MSIA(8 * c)
+        self.msia_3 = MSIA(8 * c, bn_momentum)
         self.de_conv4_1 = _conv(8 * c, 4 * c)
         self.de_conv4_2 = _conv(4 * c, 2 * c)
-        self.msia_4 = MSIA(2 * c)
+        self.msia_4 = MSIA(2 * c, bn_momentum)
         self.de_conv5_1 = _conv(2 * c, c)
         self.de_conv10 = _conv(c, 3)
         _tf_init(self)
@@ -604,7 +605,9 @@ class KinDPP(_KinDPipeline):
     """KinD++ (KinD's decomposition and adjustment nets + the MSIA restoration net), optionally with SKF.
 
     Arguments as :class:`KinD`. The restoration net has BatchNorm: ``train()`` uses batch statistics, as the
-    original's ``training=True``; ``eval()`` the running ones, as its test scripts.
+    original's ``training=True``; ``eval()`` the running ones, as its test scripts. ``bn_momentum`` is
+    TF's ``1 - decay`` (0.01 as released): after a few hundred steps (a CPU smoke run) the running
+    statistics are still mostly their initial 0 / 1 at 0.01, so the smoke network uses 0.1.
     """
 
     stride = KinDPPRestorationNet.stride  # MSIA's ×4 pooling
@@ -617,6 +620,7 @@ class KinDPP(_KinDPipeline):
         adjust_channels: int = 32,
         sem_channels: Sequence[int] = (48, 96, 192),
         se_factory: SEFactory | None = None,
+        bn_momentum: float = 0.01,
     ) -> None:
         super().__init__(skf, decom_channels, adjust_channels)
-        self.restore = KinDPPRestorationNet(restore_channels, skf, sem_channels, se_factory)
+        self.restore = KinDPPRestorationNet(restore_channels, skf, sem_channels, se_factory, bn_momentum)

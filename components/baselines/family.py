@@ -81,6 +81,10 @@ class BaselineFamily:
     #: recipe overrides (dotted keys) without which ``smoke_model`` does not learn at a CPU budget; the
     #: learning benchmark and its test apply them (the released recipes stay as released)
     smoke_recipe: ClassVar[dict[str, Any]] = {}
+    #: multi-stage families in the learning benchmark: each stage's steps as a multiple of the budget's.
+    #: The final stage (the image) trains the budget's steps, as a one-stage family's network does; the
+    #: sub-networks it stands on (decomposition, adjustment) are trained before it, in addition.
+    smoke_stage_steps: ClassVar[dict[str, float]] = {}
     #: multi-stage families (Retinex-style): the stages a recipe may list, in training order; the last one
     #: holds the SE blocks and is the only one trained with SCH/SA. Empty: one stage, the recipe's ``losses``.
     stages: ClassVar[tuple[StageSpec, ...]] = ()
@@ -184,6 +188,22 @@ class BaselineFamily:
                 f"the last stage of {self.spec} must be {self.stages[-1].name!r} (it holds the SE blocks and "
                 f"the semantic losses), got {recipe.stages[-1].name!r}"
             )
+
+    def smoke_steps(self, steps: int) -> dict[str, int]:
+        """Recipe overrides that train ``steps`` steps of the image network (:attr:`smoke_stage_steps`):
+        ``train.iterations`` alone for a one-stage family, each stage's share and their sum otherwise."""
+        if not self.stages:
+            return {"train.iterations": steps}
+        final = self.stages[-1].name
+        if set(self.smoke_stage_steps) != {s.name for s in self.stages} or self.smoke_stage_steps[final] != 1:
+            raise TypeError(
+                f"{type(self).__name__}.smoke_stage_steps must give every stage, the final one 1.0"
+            )
+        per_stage = {s.name: max(1, round(steps * self.smoke_stage_steps[s.name])) for s in self.stages}
+        return {
+            "train.iterations": sum(per_stage.values()),
+            **{f"stages.{name}.iterations": n for name, n in per_stage.items()},
+        }
 
     def check_se(self, se: str, model: Mapping[str, Any] | None = None) -> None:
         """Fail at planning time, with the reason, when SE variant ``se`` cannot be built into this network."""
