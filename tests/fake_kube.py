@@ -91,6 +91,9 @@ class FakeCluster:
         self.crd_installed = crd_installed
         self.jobs: dict[str, FakeJob] = {}
         self.submitted: list[dict[str, Any]] = []
+        #: the next this many reads of a job answer 503 (an API server restarting), then it recovers
+        self.unavailable_reads = 0
+        self.reads = 0
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -188,6 +191,13 @@ class FakeCluster:
                 log_match = _POD_LOG.match(urlparse(self.path).path)
                 if log_match is not None:
                     self._pod_log(log_match.group(2))
+                    return
+                with cluster.lock:
+                    cluster.reads += 1
+                    unavailable = cluster.unavailable_reads > 0
+                    cluster.unavailable_reads -= unavailable
+                if unavailable:
+                    self._status(503, "ServiceUnavailable", "the API server is restarting")
                     return
                 job = self._job()
                 if job is not None:

@@ -290,6 +290,53 @@ def test_a_missing_secret_and_a_timeout_end_the_job(tmp_path: Path, monkeypatch:
         assert job.deleted and all(pod.process.wait(timeout=30) is not None for pod in job.pods)
 
 
+def test_the_wait_rides_out_an_api_outage_and_gives_up_after_its_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """503s while the job runs (an API server restarting) are waited out and the job's own verdict is
+    reported; an outage longer than SKF_K8S_API_GRACE_S ends the wait and deletes the job."""
+    from components.training.launch import DistributedTrainingError
+
+    plan, ref = _ingested(tmp_path, monkeypatch)
+    lines: list[str] = []
+    with fake_cluster(tmp_path / "pods", {}) as cluster:  # no Secret: the job fails once it is read
+        _cluster_env(monkeypatch, cluster, tmp_path)
+        cluster.unavailable_reads = 3
+        with pytest.raises(DistributedTrainingError, match="secret 'skf-runtime' not found"):
+            launch_pytorchjob(ref, plan, log=lines.append)
+        assert cluster.reads >= 4 and cluster.unavailable_reads == 0
+    assert any("Kubernetes API unavailable (503 Service Unavailable" in line for line in lines)
+    assert any("Kubernetes API reachable again" in line for line in lines)
+    with fake_cluster(tmp_path / "pods-2", {}) as cluster:
+        _cluster_env(monkeypatch, cluster, tmp_path, SKF_K8S_API_GRACE_S="0.5")
+        cluster.unavailable_reads = 10**6
+        with pytest.raises(PyTorchJobError, match="stayed unavailable for over 0.5 s .*SKF_K8S_API_GRACE_S"):
+            launch_pytorchjob(ref, plan, log=lambda _m: None)
+        (job,) = cluster.jobs.values()
+        assert job.deleted
+
+
+@pytest.mark.parametrize(
+    ("status", "match"),
+    [(404, "disappeared while it ran .* resumes"), (403, "may not manage pytorchjobs in 'skf'")],
+)
+def test_a_vanished_job_or_a_refused_read_ends_the_wait_at_once(status: int, match: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    from components.training.pytorchjob import KubeLaunchSettings, wait_for_job
+
+    class Api:
+        calls = 0
+
+        def get_namespaced_custom_object(self, *args: Any) -> dict[str, Any]:
+            Api.calls += 1
+            raise ApiException(status=status, reason="Refused")
+
+    with pytest.raises(PyTorchJobError, match=match):
+        wait_for_job(Api(), "job-1", "skf", settings=KubeLaunchSettings(poll_s=0.01), log=lambda _m: None)
+    assert Api.calls == 1  # no retry
+
+
 @pytest.mark.slow
 def test_two_node_training_from_the_flow_stops_resumes_and_matches(
     prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -15,7 +15,9 @@ rank 0 copied to the store. Settings, from the environment of the process that s
 - ``SKF_K8S_NAMESPACE``: where the job runs (default: this pod's namespace, else ``skf``);
 - ``SKF_WORKER_IMAGE``: the image of the training pods (default: the template's);
 - ``SKF_PYTORCHJOB_TIMEOUT_S``: how long to wait for the job (default 7 days; 0 waits forever);
-- ``SKF_PYTORCHJOB_POLL_S``: seconds between two looks at the job's status (default 5).
+- ``SKF_PYTORCHJOB_POLL_S``: seconds between two looks at the job's status (default 5);
+- ``SKF_K8S_API_GRACE_S``: how long the API may stay unreachable or answer 429/5xx while the job runs before
+  the wait gives up (default 600; a control-plane upgrade or an API-server restart is not a failed run).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class KubeLaunchSettings:
     image: str | None = None
     timeout_s: float = 7 * 24 * 3600.0
     poll_s: float = 5.0
+    api_grace_s: float = 600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> KubeLaunchSettings:
@@ -75,12 +78,14 @@ class KubeLaunchSettings:
         )
         timeout = _seconds(env, "SKF_PYTORCHJOB_TIMEOUT_S", cls.timeout_s)
         poll = _seconds(env, "SKF_PYTORCHJOB_POLL_S", cls.poll_s)
+        grace = _seconds(env, "SKF_K8S_API_GRACE_S", cls.api_grace_s)
         return cls(
             template=Path(env.get("SKF_PYTORCHJOB_TEMPLATE") or DEFAULT_TEMPLATE),
             namespace=namespace,
             image=env.get("SKF_WORKER_IMAGE") or None,
             timeout_s=timeout,
             poll_s=max(poll, 0.05),
+            api_grace_s=grace,
         )
 
 
@@ -214,6 +219,35 @@ def _api_error(exc: Exception, namespace: str) -> PyTorchJobError:
     return PyTorchJobError(f"Kubernetes API error {status or ''} on the PyTorchJob: {reason}; {hint}")
 
 
+#: API answers worth waiting out: rate limiting and server-side failures (an API server restarting).
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+def _transient(exc: Exception) -> bool:
+    """A refused or dropped connection, or a :data:`TRANSIENT_STATUS` answer."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    if isinstance(exc, ApiException):
+        return exc.status in TRANSIENT_STATUS
+    return isinstance(exc, HTTPError | ConnectionError | TimeoutError)
+
+
+def _reason(exc: Exception) -> str:
+    status = getattr(exc, "status", None)
+    text = getattr(exc, "reason", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"{status} {text}" if status else f"{type(exc).__name__}: {text}"
+
+
+def _wait_error(exc: Exception, name: str, namespace: str) -> PyTorchJobError:
+    if getattr(exc, "status", None) == 404:
+        return PyTorchJobError(
+            f"PyTorchJob {namespace}/{name} disappeared while it ran (deleted outside this run?); "
+            "rerun the training: it resumes from the last checkpoint in the store"
+        )
+    return _api_error(exc, namespace)
+
+
 def job_state(obj: Mapping[str, Any]) -> tuple[str, str]:
     """(state, message) from a PyTorchJob's status: Succeeded/Failed when finished, else the newest true
     condition (Created, Running, Restarting, Suspended) or Pending."""
@@ -239,11 +273,36 @@ def _master_log_tail(core: Any, name: str, namespace: str, lines: int = 30) -> l
 def wait_for_job(
     api: Any, name: str, namespace: str, *, settings: KubeLaunchSettings, log: Callable[[str], None]
 ) -> tuple[str, str]:
-    """Poll the job until the operator marks it Succeeded or Failed; (state, message)."""
+    """Poll the job until the operator marks it Succeeded or Failed; (state, message).
+
+    An unreachable API or a 429/5xx answer is retried for ``settings.api_grace_s`` (the job keeps running
+    meanwhile); a job that disappears or any other API error ends the wait at once.
+    """
     deadline = time.monotonic() + settings.timeout_s if settings.timeout_s > 0 else None
     last = None
+    outage: float | None = None  # when the current run of transient failures began
     while True:
-        obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        try:
+            obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except Exception as exc:
+            if not _transient(exc):
+                raise _wait_error(exc, name, namespace) from exc
+            now = time.monotonic()
+            if outage is None:
+                outage = now
+                log(
+                    f"Kubernetes API unavailable ({_reason(exc)}); retrying for up to {settings.api_grace_s:g} s"
+                )
+            elif now - outage > settings.api_grace_s:
+                raise PyTorchJobError(
+                    f"the Kubernetes API stayed unavailable for over {settings.api_grace_s:g} s while PyTorchJob "
+                    f"{namespace}/{name} ran ({_reason(exc)}); raise SKF_K8S_API_GRACE_S for longer outages"
+                ) from exc
+            time.sleep(settings.poll_s)
+            continue
+        if outage is not None:
+            log(f"Kubernetes API reachable again after {time.monotonic() - outage:.0f} s")
+            outage = None
         state, message = job_state(obj)
         if state != last:
             log(f"PyTorchJob {namespace}/{name}: {state}" + (f" ({message})" if message else ""))
