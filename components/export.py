@@ -114,10 +114,8 @@ def _in_layout(x: torch.Tensor, layout: Layout) -> torch.Tensor:
 def min_side(enhancer: Enhancer) -> int:
     """The smallest H and W a dynamic ONNX graph of ``enhancer`` takes: the largest multiple it pads to
     (the network's stride, the SKB's ``pad_multiple``), since a reflect pad cannot exceed the side."""
-    multiples = [
-        int(getattr(enhancer.net, "stride", 1)),
-        8,
-    ]  # a floor of 8 under the nets' own strides (4-16)
+    # a floor of 8 under the nets' own strides (4-16)
+    multiples = [int(getattr(enhancer.net, "stride", 1)), 8]
     if enhancer.skb is not None:
         multiples.append(int(enhancer.skb.pad_multiple))
     return max(multiples)

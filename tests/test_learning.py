@@ -48,13 +48,12 @@ def learning_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         patch.undo()
 
 
-def _family_cases() -> list[str]:
-    return [f.name for f in families()]
+FAMILIES = [f.name for f in families()]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", learning.VARIANTS)
-@pytest.mark.parametrize("family", _family_cases())
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_learns(family: str, variant: str, learning_data: dict[str, str]) -> None:
     from components.baselines import get_family
 
@@ -77,7 +76,7 @@ def test_every_family_learns(family: str, variant: str, learning_data: dict[str,
     assert result.test["psnr"] > result.references["input"]["psnr"] + MARGIN_DB
 
 
-@pytest.mark.parametrize("family", [f.name for f in families()])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_image_network_trains_the_budgets_steps(family: str) -> None:
     """The learning plan gives every family's image network ``steps``; a staged family's earlier stages
     train before it, in addition, at their smoke rates (planned only: nothing trains here)."""

@@ -215,8 +215,7 @@ def _api_error(exc: Exception, namespace: str) -> PyTorchJobError:
         "infra/k8s/pytorchjob-rbac.yaml",
         422: "the cluster rejected the manifest; check SKF_PYTORCHJOB_TEMPLATE against infra/k8s/pytorchjob.yaml",
     }.get(status, "check the cluster and SKF_K8S_NAMESPACE")
-    reason = getattr(exc, "reason", None) or str(exc).splitlines()[0]
-    return PyTorchJobError(f"Kubernetes API error {status or ''} on the PyTorchJob: {reason}; {hint}")
+    return PyTorchJobError(f"Kubernetes API error on the PyTorchJob: {_reason(exc)}; {hint}")
 
 
 #: API answers worth waiting out: rate limiting and server-side failures (an API server restarting).
